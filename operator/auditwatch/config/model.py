@@ -1,0 +1,119 @@
+"""The configuration model: what AuditStream and AuditAlert resources mean, with secrets resolved.
+
+One model, two sources: YAML files in standalone mode (`config.files`) and the Kubernetes API in
+the operator (`kube`). Everything downstream (receiver, rule evaluation, alert state, notifiers)
+sees only these plain objects and never a raw resource dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from auditwatch.rules.ast import Rule
+
+TargetType = Literal["webhook", "slack", "alertmanager"]
+
+DEFAULT_REPEAT_INTERVAL = timedelta(seconds=200)
+"""Parseable's default repeat interval."""
+DEFAULT_REPEAT_TIMES = 5
+"""Parseable's default number of notifications per firing."""
+DEFAULT_RESOLVE_AFTER = timedelta(minutes=5)
+"""Quiet period without a match after which a firing alert resolves."""
+DEFAULT_TARGET_TIMEOUT = timedelta(seconds=10)
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+"""Parseable's request body limit."""
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A resource that cannot be used as it is: bad field, bad rule, missing Secret.
+
+    `reason` is a CamelCase word for status conditions (`InvalidRule`, `SecretNotFound`,
+    `StreamNotFound`, `InvalidSpec`); the message says what and where.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SecretKeyRef:
+    """A key of a Secret. In standalone mode the Secret is a YAML file in the resources folder."""
+
+    name: str
+    key: str
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class IngestAuth:
+    """Credentials a sender must present to a stream: basic auth, or a bearer token."""
+
+    username: str | None = None
+    password: str | None = None
+    bearer_token: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """An AuditStream: where events arrive and how long they are kept."""
+
+    name: str
+    auth: IngestAuth | None = None
+    retention: timedelta | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    generation: int = 1
+
+
+@dataclass(frozen=True)
+class RepeatSpec:
+    """How often a firing alert is notified again, and how many notifications in all."""
+
+    interval: timedelta = DEFAULT_REPEAT_INTERVAL
+    times: int = DEFAULT_REPEAT_TIMES
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Where notifications go, with every secret already resolved."""
+
+    type: TargetType
+    endpoint: str
+    name: str
+    """Stable identifier of this target within its alert, for status and metrics."""
+    headers: dict[str, str] = field(default_factory=dict)
+    skip_tls_check: bool = False
+    username: str | None = None
+    password: str | None = None
+    repeat: RepeatSpec = RepeatSpec()
+    timeout: timedelta = DEFAULT_TARGET_TIMEOUT
+
+
+@dataclass(frozen=True)
+class AlertSpec:
+    """An AuditAlert: a rule over a stream, a message, targets."""
+
+    namespace: str
+    name: str
+    stream: str
+    rule: Rule
+    rule_type: Literal["column", "composite"]
+    rule_text: str
+    """The rule as the user wrote it (composite string, or column config as JSON)."""
+    message: str
+    targets: tuple[TargetSpec, ...]
+    resolve_after: timedelta = DEFAULT_RESOLVE_AFTER
+    severity: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    """Extra labels sent to Alertmanager (from the resource's spec.labels)."""
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        """`namespace/name`: unique across alerts, used for state, status and metrics."""
+        return f"{self.namespace}/{self.name}"
