@@ -1,0 +1,431 @@
+"""The durable event store: a write-ahead staging log per stream, flushed to Parquet.
+
+The receiver calls `append` from worker threads and answers 2xx only after it returned: by then
+the new events are fdatasync'ed in a staging segment (`wal.py`). `flush` (called periodically)
+turns segments older than `flush_interval` into hive-partitioned Parquet files. One `Store` owns
+a data directory (an exclusive lock file), and its constructor recovers whatever a crashed
+process left: torn segment tails are cut, closed segments are converted, and the dedup keys and
+statistics are rebuilt from disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from auditwatch.normalise import EventBatch
+from auditwatch.schema import EVENT_SCHEMA, EVENT_TIME, INGEST_TIME
+from auditwatch.store.dedup import DEFAULT_MAX_KEYS, DEFAULT_WINDOW, DedupIndex
+from auditwatch.store.errors import StorageUnavailable, StoreLocked
+from auditwatch.store.fsutil import fsync_dir, make_dirs
+from auditwatch.store.layout import (
+    TEMP_SUFFIX,
+    check_stream_name,
+    minute_dirs,
+    partition_files,
+    segment_stem,
+)
+from auditwatch.store.parquet import file_summary, write_partitioned
+from auditwatch.store.retention import Deleted, delete_partition, expired_partitions
+from auditwatch.store.wal import (
+    STAGING_DIR,
+    SegmentName,
+    SegmentWriter,
+    list_segments,
+    read_segment,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLUSH_INTERVAL = timedelta(seconds=30)
+DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_STAGED_BYTES = 1024 * 1024 * 1024
+LOCK_FILE = ".lock"
+_UNSAFE_HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What a stream's status shows: events kept, bytes on disk, newest event times."""
+
+    events: int
+    bytes: int
+    staged_bytes: int
+    last_event_time: datetime | None
+    """Newest `eventTime` (when the apiserver recorded it)."""
+    last_received: datetime | None
+    """Newest `p_timestamp` (when auditwatch received it)."""
+
+
+@dataclass
+class _ClosedSegment:
+    name: SegmentName
+    path: Path
+    size: int
+
+
+@dataclass
+class _Stream:
+    """Per-stream state; `lock` serialises appends and guards every field."""
+
+    name: str
+    dir: Path
+    dedup: DedupIndex
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    writer: SegmentWriter | None = None
+    writer_name: SegmentName | None = None
+    closed: list[_ClosedSegment] = field(default_factory=list)
+    events: int = 0
+    parquet_bytes: int = 0
+    staged_bytes: int = 0
+    last_event_time: datetime | None = None
+    last_received: datetime | None = None
+
+    @property
+    def staging(self) -> Path:
+        return self.dir / STAGING_DIR
+
+    def saw(self, event_time: datetime | None, received: datetime | None) -> None:
+        if event_time is not None and (
+            self.last_event_time is None or event_time > self.last_event_time
+        ):
+            self.last_event_time = event_time
+        if received is not None and (self.last_received is None or received > self.last_received):
+            self.last_received = received
+
+
+def _newest(column: pa.ChunkedArray) -> datetime | None:
+    value = pc.max(column).as_py()
+    return value if isinstance(value, datetime) else None
+
+
+class Store:
+    """Durable, de-duplicated storage of event batches per stream (thread-safe).
+
+    Bounded: `append` raises StorageUnavailable when writing fails or when more than
+    `max_staged_bytes` wait for conversion to Parquet. The dedup index keeps the keys of the
+    last `dedup_window` of ingest time, at most `dedup_max_keys` (see `dedup.py`).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        host: str | None = None,
+        *,
+        flush_interval: timedelta = DEFAULT_FLUSH_INTERVAL,
+        segment_max_bytes: int = DEFAULT_SEGMENT_MAX_BYTES,
+        max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES,
+        dedup_window: timedelta = DEFAULT_WINDOW,
+        dedup_max_keys: int = DEFAULT_MAX_KEYS,
+        staging_compression: str | None = "lz4",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = _UNSAFE_HOST_CHARS.sub("_", host or socket.gethostname())
+        self.flush_interval = flush_interval
+        self.segment_max_bytes = segment_max_bytes
+        self.max_staged_bytes = max_staged_bytes
+        self.dedup_window = dedup_window
+        self.dedup_max_keys = dedup_max_keys
+        self.staging_compression = staging_compression
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        """Guards `_streams`, `_staged_total`, `_last_segment_id`."""
+        self._flush_lock = threading.Lock()
+        """One conversion or retention pass at a time: both rewrite partition directories."""
+        self._staged_total = 0
+        self._last_segment_id = 0
+        self._closed = False
+        make_dirs(self.data_dir)
+        self._lock_fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StoreLocked(f"{self.data_dir} is in use by another auditwatch process") from None
+        self._recover()
+
+    # --- public API ---------------------------------------------------------------------
+
+    def append(self, stream: str, batch: EventBatch) -> EventBatch:
+        """Keep the events of `batch` not kept before; returns them once they are durable.
+
+        Raises StorageUnavailable (nothing kept, nothing remembered: the retry stores it) or
+        ValueError for a batch that does not have the event schema.
+        """
+        table = batch.table
+        if not table.schema.equals(EVENT_SCHEMA):
+            raise ValueError(
+                "batch does not have the event schema (auditwatch.schema.EVENT_SCHEMA)"
+            )
+        state = self._stream(stream)
+        if len(batch) == 0:
+            return batch
+        with state.lock:
+            if self._closed:
+                raise StorageUnavailable("the store is closed")
+            classified = state.dedup.classify(table)
+            if not classified.any_new:
+                return batch.filter(pa.array(classified.mask, pa.bool_()))
+            new = table if classified.all_new else table.filter(pa.array(classified.mask))
+            with self._lock:
+                if self._staged_total > self.max_staged_bytes:
+                    raise StorageUnavailable(
+                        f"{self._staged_total} bytes wait for conversion to Parquet "
+                        f"(limit {self.max_staged_bytes})"
+                    )
+            try:
+                writer = state.writer or self._open_segment(state)
+                written = writer.append(pa.concat_batches(new.to_batches()))
+            except OSError as error:
+                self._abandon_writer(state)
+                raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
+            received = _newest(new[INGEST_TIME])
+            assert received is not None  # p_timestamp is not nullable
+            state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
+            state.events += new.num_rows
+            state.staged_bytes += written
+            state.saw(_newest(new[EVENT_TIME]), received)
+            with self._lock:
+                self._staged_total += written
+            if writer.size >= self.segment_max_bytes:
+                self._rotate(state)
+        if classified.all_new:
+            return batch
+        return batch.filter(pa.array(classified.mask, pa.bool_()))
+
+    def flush(self, now: datetime | None = None, *, everything: bool = False) -> list[Path]:
+        """Convert staged segments to Parquet; returns the Parquet files written.
+
+        The segment being appended to is closed first when it is older than `flush_interval`
+        (or always, with `everything`). Raises StorageUnavailable when a file cannot be written;
+        the segment stays staged and the next flush retries it.
+        """
+        now = now or datetime.now(UTC)
+        written: list[Path] = []
+        with self._flush_lock:
+            for state in self._all_streams():
+                with state.lock:
+                    if state.writer_name is not None and (
+                        everything or now - state.writer_name.created >= self.flush_interval
+                    ):
+                        self._rotate(state)
+                written.extend(self._convert_closed(state))
+        return written
+
+    def apply_retention(
+        self, stream: str, retention: timedelta, now: datetime | None = None
+    ) -> list[Path]:
+        """Delete the partitions of `stream` entirely older than `now - retention`."""
+        state = self._stream(stream)
+        cutoff = (now or datetime.now(UTC)) - retention
+        deleted: list[Deleted] = []
+        with self._flush_lock:
+            try:
+                for partition in expired_partitions(state.dir, cutoff):
+                    deleted.append(delete_partition(partition))
+            finally:
+                with state.lock:
+                    state.events -= sum(d.rows for d in deleted)
+                    state.parquet_bytes -= sum(d.bytes for d in deleted)
+        return [d.path for d in deleted]
+
+    def stats(self, stream: str) -> StreamStats:
+        """Counters kept in memory: cheap enough for every status update."""
+        check_stream_name(stream)
+        with self._lock:
+            state = self._streams.get(stream)
+        if state is None:
+            return StreamStats(0, 0, 0, None, None)
+        with state.lock:
+            return StreamStats(
+                events=state.events,
+                bytes=state.parquet_bytes + state.staged_bytes,
+                staged_bytes=state.staged_bytes,
+                last_event_time=state.last_event_time,
+                last_received=state.last_received,
+            )
+
+    def streams(self) -> list[str]:
+        """Streams that have data or were written to since start."""
+        with self._lock:
+            return sorted(self._streams)
+
+    def close(self) -> None:
+        """Flush everything to Parquet and release the data directory."""
+        if self._closed:
+            return
+        try:
+            self.flush(everything=True)
+        finally:
+            self._closed = True
+            for state in self._all_streams():
+                with state.lock:
+                    self._rotate(state)
+            os.close(self._lock_fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals ----------------------------------------------------------------------
+
+    def _stream(self, stream: str) -> _Stream:
+        check_stream_name(stream)
+        with self._lock:
+            state = self._streams.get(stream)
+            if state is None:
+                state = _Stream(
+                    stream,
+                    self.data_dir / stream,
+                    DedupIndex(self.dedup_window, self.dedup_max_keys),
+                )
+                self._streams[stream] = state
+            return state
+
+    def _all_streams(self) -> list[_Stream]:
+        with self._lock:
+            return list(self._streams.values())
+
+    def _open_segment(self, state: _Stream) -> SegmentWriter:
+        make_dirs(state.staging)
+        with self._lock:
+            self._last_segment_id = max(time.time_ns(), self._last_segment_id + 1)
+            name = SegmentName(self.host, self._last_segment_id)
+        writer = SegmentWriter(
+            state.staging / name.file_name, EVENT_SCHEMA, self.staging_compression
+        )
+        state.writer, state.writer_name = writer, name
+        return writer
+
+    def _rotate(self, state: _Stream) -> None:
+        """Close the current segment; it waits in `closed` for conversion. Caller holds the lock."""
+        writer, name = state.writer, state.writer_name
+        if writer is None or name is None:
+            return
+        writer.close()
+        state.writer = state.writer_name = None
+        state.closed.append(_ClosedSegment(name, writer.path, writer.size))
+
+    def _abandon_writer(self, state: _Stream) -> None:
+        """After a failed write: close the segment, keeping what it durably holds."""
+        writer = state.writer
+        if writer is None:
+            return
+        try:
+            self._rotate(state)
+        except OSError:
+            state.writer = state.writer_name = None
+        if writer.rows == 0:
+            state.closed = [c for c in state.closed if c.path != writer.path]
+            # An empty or torn segment left here is removed again by recovery.
+            with contextlib.suppress(OSError):
+                writer.path.unlink()
+
+    def _convert_closed(self, state: _Stream) -> list[Path]:
+        with state.lock:
+            pending = list(state.closed)
+        written: list[Path] = []
+        for segment in pending:
+            try:
+                contents = read_segment(segment.path, repair=True)
+                files: list[Path] = []
+                if contents.batches:
+                    table = pa.Table.from_batches(contents.batches)
+                    files = write_partitioned(state.dir, segment.name.stem, table)
+                segment.path.unlink()
+                fsync_dir(segment.path.parent)
+            except OSError as error:
+                raise StorageUnavailable(
+                    f"cannot convert {segment.path} to Parquet: {error}"
+                ) from error
+            size = sum(f.stat().st_size for f in files)
+            with state.lock:
+                state.closed.remove(segment)
+                state.staged_bytes -= segment.size
+                state.parquet_bytes += size
+            with self._lock:
+                self._staged_total -= segment.size
+            written.extend(files)
+        return written
+
+    def _recover(self) -> None:
+        for entry in sorted(self.data_dir.iterdir()):
+            if entry.is_dir() and not entry.name.startswith("."):
+                try:
+                    check_stream_name(entry.name)
+                except ValueError:
+                    log.warning("ignoring %s: not a stream directory", entry)
+                    continue
+                state = self._stream(entry.name)
+                with state.lock:
+                    self._recover_stream(state)
+        try:
+            self.flush()
+        except StorageUnavailable as error:
+            log.warning("staged segments stay staged for now: %s", error.reason)
+
+    def _recover_stream(self, state: _Stream) -> None:
+        """Cut torn segment tails, queue segments for conversion, rebuild stats and dedup keys."""
+        staged: list[pa.Table] = []
+        for name, path in list_segments(state.staging):
+            contents = read_segment(path, repair=True)
+            if not contents.batches:
+                path.unlink()
+                continue
+            with self._lock:
+                self._last_segment_id = max(self._last_segment_id, name.id)
+            table = pa.Table.from_batches(contents.batches)
+            staged.append(table)
+            state.closed.append(_ClosedSegment(name, path, contents.valid_bytes))
+            state.staged_bytes += contents.valid_bytes
+            state.events += table.num_rows
+            state.saw(_newest(table[EVENT_TIME]), _newest(table[INGEST_TIME]))
+        with self._lock:
+            self._staged_total += state.staged_bytes
+        if staged:
+            log.info(
+                "stream %s: recovered %d staged segments (%d events)",
+                state.name,
+                len(staged),
+                sum(t.num_rows for t in staged),
+            )
+        staged_stems = {c.name.stem for c in state.closed}
+        for minute in minute_dirs(state.dir):
+            for temp in minute.path.glob(".*" + TEMP_SUFFIX):
+                temp.unlink()
+        horizon = datetime.now(UTC) - self.dedup_window
+        key_columns = ["auditID", "stage", INGEST_TIME]
+        recent: list[pa.Table] = []
+        for minute, file in partition_files(state.dir):
+            if segment_stem(file) in staged_stems:
+                continue  # a crash hit its conversion: the segment is converted again
+            try:
+                rows, size, event_time, received = file_summary(file)
+                if minute.end > horizon:
+                    recent.append(pq.read_table(file, columns=key_columns))
+            except (OSError, pa.ArrowException) as error:
+                log.warning("ignoring unreadable Parquet file %s: %s", file, error)
+                continue
+            state.events += rows
+            state.parquet_bytes += size
+            state.saw(event_time, received)
+        for table in recent + [t.select(key_columns) for t in staged]:
+            received = _newest(table[INGEST_TIME])
+            if received is not None:
+                classified = state.dedup.classify(table)
+                state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))

@@ -1,0 +1,188 @@
+"""Staging segments: the write-ahead log that makes an acknowledged batch durable.
+
+A segment is an Arrow IPC stream file (`pyarrow.ipc.open_stream` reads it) holding one record
+batch per append. An append is written and fdatasync'ed before the store returns, so an
+acknowledged batch survives a crash. A crash can only tear the batch being written, which was
+never acknowledged: `read_segment(..., repair=True)` truncates the file after the last complete
+batch. A batch is one IPC message, so it is kept whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+
+from auditwatch.store.fsutil import fsync_dir
+
+SEGMENT_SUFFIX = ".arrows"
+STAGING_DIR = ".staging"
+_SEGMENT_NAME = re.compile(r"^(?P<host>.+)\.(?P<id>\d{19})" + re.escape(SEGMENT_SUFFIX) + "$")
+
+
+@dataclass(frozen=True)
+class SegmentName:
+    """`<host>.<id>.arrows`: the id is the creation time in ns, so names sort by age.
+
+    The Parquet files of a segment are named `<host>.<id>.parquet` (its `stem`): converting the
+    same segment twice overwrites them instead of duplicating data.
+    """
+
+    host: str
+    id: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.host}.{self.id:019d}"
+
+    @property
+    def file_name(self) -> str:
+        return self.stem + SEGMENT_SUFFIX
+
+    @property
+    def created(self) -> datetime:
+        return datetime.fromtimestamp(self.id / 1e9, UTC)
+
+    @classmethod
+    def parse(cls, file_name: str) -> SegmentName | None:
+        match = _SEGMENT_NAME.match(file_name)
+        if match is None:
+            return None
+        return cls(match["host"], int(match["id"]))
+
+
+def list_segments(staging: Path) -> list[tuple[SegmentName, Path]]:
+    """The segments in a staging directory, oldest first (none if it does not exist)."""
+    try:
+        entries = list(staging.iterdir())
+    except FileNotFoundError:
+        return []
+    named = [(SegmentName.parse(p.name), p) for p in entries]
+    return sorted(((n, p) for n, p in named if n is not None), key=lambda item: item[0].id)
+
+
+class _Capture:
+    """A file object collecting what the IPC writer emits, so one os.write sends it."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def take(self) -> bytes:
+        data = b"".join(self.parts)
+        self.parts.clear()
+        return data
+
+
+class SegmentWriter:
+    """Appends record batches to a new segment file; each append is durable when it returns.
+
+    After a failed append the writer must be abandoned (`close()`): the failed bytes are cut
+    off again when possible, and a fresh segment restarts the IPC stream cleanly.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema, compression: str | None) -> None:
+        self.path = path
+        self.size = 0
+        self.rows = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        try:
+            fsync_dir(path.parent)
+            self._capture = _Capture()
+            options = pa.ipc.IpcWriteOptions(compression=compression)
+            self._writer = pa.ipc.new_stream(
+                pa.PythonFile(self._capture, mode="w"), schema, options=options
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def append(self, batch: pa.RecordBatch) -> int:
+        """Write and fdatasync one batch; returns the bytes added. Raises OSError on failure."""
+        self._writer.write_batch(batch)
+        data = memoryview(self._capture.take())
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fdatasync(self._fd)
+        except OSError:
+            if written:
+                # Best effort: a cut-off batch is also dropped by recovery (it is torn).
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self.size)
+            raise
+        self.size += written
+        self.rows += batch.num_rows
+        return written
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class SegmentContents:
+    """The complete batches of a segment and where the last one ends."""
+
+    schema: pa.Schema | None
+    batches: list[pa.RecordBatch]
+    valid_bytes: int
+
+    @property
+    def rows(self) -> int:
+        return sum(b.num_rows for b in self.batches)
+
+
+def read_segment(path: Path, *, repair: bool) -> SegmentContents:
+    """Read the complete batches of a segment, stopping at a torn or corrupt tail.
+
+    With `repair`, the file is truncated to its complete part (only the owner does this, at
+    recovery; a reader of a segment being written just stops at the tail).
+    """
+    data = path.read_bytes()
+    reader = pa.BufferReader(data)
+    schema: pa.Schema | None = None
+    batches: list[pa.RecordBatch] = []
+    valid = 0
+    while True:
+        try:
+            message = pa.ipc.read_message(reader)
+            if schema is None:
+                if message.type != "schema":
+                    break
+                schema = pa.ipc.read_schema(message)
+            else:
+                if message.type != "record batch":
+                    break
+                batch = pa.ipc.read_record_batch(message, schema)
+                batch.validate()
+                batches.append(batch)
+        except (EOFError, OSError, pa.ArrowException):
+            break
+        valid = reader.tell()
+    if not batches:
+        valid = 0
+    if repair and valid < len(data):
+        with open(path, "r+b") as file:
+            file.truncate(valid)
+            os.fsync(file.fileno())
+    return SegmentContents(schema if batches else None, batches, valid)
