@@ -1,0 +1,637 @@
+"""The shipped detections (examples/detections/) catch what they say, and stay quiet next to it.
+
+Every detection is evaluated over one corpus: the real audit logs of /work/shared/audit-samples
+plus the hand-written events of tests/detection_events/ (real API shapes for what the samples
+lack, including near-misses). Each test names exactly which events fire, so a detection that
+starts firing on a near-miss, or stops firing on an attack, fails loudly. Both evaluators run:
+the vectorised one over a normalised batch (what the server does) and `reference.matches` per
+event (the language's meaning); they must agree on every event.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from auditwatch import paths
+from auditwatch.decode import decode_file
+from auditwatch.normalise import normalise
+from auditwatch.rules.ast import Rule
+from auditwatch.rules.evaluate import compile_rule
+from auditwatch.rules.parse import parse_rule
+from auditwatch.rules.reference import matches
+
+REPO = Path(__file__).resolve().parent.parent
+DETECTIONS_DIR = REPO / "examples" / "detections"
+DOCS = REPO / "docs" / "detections.md"
+EVENTS_DIR = Path(__file__).resolve().parent / "detection_events"
+SAMPLES_DIR = Path("/work/shared/audit-samples")
+SAMPLE_LOGS = sorted(SAMPLES_DIR.glob("*.log"))
+
+SEVERITIES = {"info", "low", "medium", "high", "critical"}
+
+HAND_WRITTEN = {
+    "secret-get-by-developer": "aacf876d-75cb-4ee3-987b-22c0b8d75ed6",
+    "secret-list-by-ci-serviceaccount": "6d54b10b-40ab-4fee-a168-fb839d5db84d",
+    "secret-get-by-controller-manager": "69cfd3f2-7e70-4249-a209-7df4232a5534",
+    "secret-get-by-kubelet": "4244dc48-a3fb-4752-9b91-ea90e6682e1c",
+    "secret-get-denied-for-developer": "316e67e2-561e-494a-aa7b-b6da82db36f5",
+    "secret-get-not-found": "3bf6de82-3341-485c-beb1-6fe3271a8dfe",
+    "secret-created-by-developer": "0297f8d2-708b-4e20-a7f1-f0d67e413605",
+    "sa-token-secret-created-by-token-controller": "23075750-33e8-42d2-aaa0-6fb59f1188d9",
+    "sa-token-secret-created-by-developer": "7bf7da10-e1b5-4aa9-b08f-d41a40bf6faf",
+    "secret-deleted-by-ci-serviceaccount": "b943f1c8-5037-4bab-a175-7a71f184d3c1",
+    "secret-created-in-kube-system-by-developer": "ab88b81d-8b20-475a-b28d-1cc2d4b160b1",
+    "pod-created-unprivileged": "336c55df-0ee3-4a93-b944-5de2234f20dc",
+    "pod-privileged-init-container": "ae9abe26-5859-4eb8-8c6c-0ccd5f008de5",
+    "pod-privileged-init-container-dry-run": "6296ad31-f1cc-4f6c-8f40-5470831ffea7",
+    "pod-privileged-denied-by-pod-security": "9fed35aa-a5e3-4689-aa29-97c53995cd13",
+    "pod-host-pid": "850c5e80-e0a5-4dbc-b15f-3baf06c09d2b",
+    "pod-host-ipc": "a2e55aae-1a9b-46ca-b6b9-cbe52e6ffa1d",
+    "pod-hostpath-proc": "84343f10-e843-46aa-ac8e-6f0f830cbf37",
+    "pod-hostpath-data-and-localtime": "188f6a53-ef64-4f0c-8f94-9faf57265300",
+    "pod-hostpath-kubelet-pki-subdir": "008fa6cc-0bf2-43eb-872b-71d937305b3b",
+    "pod-kube-system-by-daemonset-controller": "e9b4a13b-828e-4d18-87ba-5359ee2b636a",
+    "pod-kube-system-by-developer": "cd37a6f0-d69d-4de3-8411-ce906b12ea6c",
+    "pod-binding-by-scheduler-kube-system": "7f4fb96d-e495-4cef-82ec-74a9bf0ec1ff",
+    "pod-attach": "f96fa4b0-b03c-4d86-bec8-caca2e5af2f0",
+    "pod-exec-websocket-get": "c744e154-5eba-4a29-884e-65ad35cb9ed2",
+    "pod-log-read": "96830711-4c42-4ef0-b801-804f02f6c626",
+    "pod-portforward": "007774b3-2191-4103-841c-f6fa1d5ddbb3",
+    "pod-debug-privileged-ephemeral-container": "3f257d90-c183-4c5f-b7bf-60e46b3e189a",
+    "daemonset-privileged-hostnetwork-docker-sock": "86a8cd30-dfc3-40e6-8033-252cf5148ddb",
+    "deployment-created-unprivileged": "13c0a117-6341-4a85-8c72-f89bd83623d7",
+    "deployment-created-dry-run": "c122ab2b-a95a-49ea-b539-b31b9792c94f",
+    "deployment-create-already-exists": "4ff16ea6-1895-4c45-8284-546c3049870b",
+    "deployment-patched-privileged": "15a3f9ba-a831-4de2-9e79-f5f8467650a3",
+    "deployment-deleted": "6a4f1eaf-72c6-4c3c-9ecd-ecd85931345d",
+    "deployment-status-update-by-controller": "1a97d688-58fd-4539-a0a0-3d0c523aeb2f",
+    "cronjob-host-pid": "f5281798-a90e-4a90-a738-a91dac975e77",
+    "statefulset-host-ipc-etc-kubernetes": "f5b4e6b3-d2d4-4e88-8e9f-bc6bb126cb3e",
+    "clusterrole-wildcard-verbs": "4310b258-7216-49bf-8d40-eb2081ef3113",
+    "role-wildcard-resources": "e6e6e2e3-089f-4480-8cae-622ceb16119d",
+    "clusterrole-read-only": "fbcf725c-5022-457d-9802-dd249bd21f13",
+    "clusterrole-write-privileges": "a707b0bb-4f5a-4680-8afa-5d1b281fc271",
+    "clusterrole-pod-exec": "274cbf53-eb9e-4d82-b3a5-d30fd21e99c9",
+    "role-pod-exec-in-namespace": "44e2e2e7-b8f8-43b3-8c0b-c9126a2572ec",
+    "system-role-kube-system-patched": "ee731e21-ecfc-4b4c-8319-36d3e8cdbefc",
+    "clusterrole-aggregated-admin-updated": "e14c556f-bb9a-4a5b-9741-6a1245abab60",
+    "system-clusterrole-node-patched": "3084c3f1-1bf5-4919-a1fd-3ca8e549f90a",
+    "system-clusterrole-coredns-updated": "a1ee0614-72fb-4e3a-8e80-1e24ec56f012",
+    "system-clusterrole-deleted": "61ed7d90-fcd3-423e-a882-becd7b000f07",
+    "system-clusterrole-read": "e2ca47d5-c2ae-4332-92ca-e996807af789",
+    "rolebinding-to-cluster-admin": "1afbc12f-ab2e-4952-a8f3-e68793f6fc4b",
+    "clusterrolebinding-to-view": "45221ec2-6ffc-47c9-b5d3-0b47c6daaa6d",
+    "clusterrolebinding-deleted": "5e365eff-2233-4a7b-b7cb-92012d06fef0",
+    "service-nodeport-created": "a9ae29f5-aabe-4503-a6fb-79ab75b9842e",
+    "service-clusterip-created": "4ec6bf43-02e0-4c3f-8342-512cd0119663",
+    "service-patched-to-nodeport": "4b67b25e-3eab-49fc-8492-23e4a82c66ae",
+    "service-deleted": "4db3c11f-7bfa-41ff-a58d-7582e4b7a454",
+    "configmap-aws-keys": "1d025c1b-d8b2-4890-9767-57239f1ad29a",
+    "configmap-password-key-updated": "4b091c28-2ea0-4cdc-9f6b-8f731096cd3d",
+    "configmap-password-inside-file-applied": "eea7eeb4-76c5-477b-904a-deacb15bcfb3",
+    "configmap-plain-settings": "8e3e3b39-242e-47a7-8c61-c7759780fb96",
+    "configmap-root-ca-published": "93f1eab1-6a8b-4d29-a976-3da473677733",
+    "configmap-deleted": "645c0db7-6a70-4872-b541-b805e3a40ddb",
+    "namespace-created": "23e201bd-d6a2-4743-9b90-b9bcf324cf49",
+    "namespace-deleted": "3c0b91c9-5ea8-433f-9b19-764fa0999404",
+    "serviceaccount-default-created-by-controller": "ecd9ee01-7468-444b-91db-2b53876cada1",
+    "serviceaccount-kube-system-by-controller-manager": "edf4829b-0cfd-449d-8208-2944cb6b5751",
+    "serviceaccount-kube-system-by-developer": "16fd153a-0660-4e5b-92ce-899563b483f8",
+    "serviceaccount-token-requested-kube-system": "64c0a67d-8541-426b-b624-3f488e8cdcb8",
+    "serviceaccount-deleted": "cc171b6d-807d-49d2-afcf-a9a755e1266b",
+    "anonymous-list-pods-allowed": "ddcf6c53-ac2a-4385-9fae-823e6525500f",
+    "anonymous-healthz": "c5823969-f5d2-49bc-a80e-3d4d56922978",
+    "anonymous-readyz-verbose": "c3d368b3-7418-4753-9cb6-7ac3e040afa3",
+    "anonymous-version": "bfeca390-2c05-4259-a5ae-e547f7931310",
+    "anonymous-list-secrets-forbidden": "a23a4528-01b4-4622-9af0-19065f53f0be",
+}
+"""The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
+
+LABEL_BY_AUDIT_ID = {audit_id: label for label, audit_id in HAND_WRITTEN.items()}
+
+# Real events from the samples, by auditID.
+IMPERSONATION_403S = [  # impersonation-and-403s.log: every request refused with 403
+    "033d17af-082d-4b24-aa22-627752e83d71",
+    "d857fef6-5a24-4889-9597-ffbcb6108444",
+    "0c0d86ba-4cbd-4e35-ba05-25df8e630bcb",
+    "60006562-ced6-4178-ac95-e1a50225b012",
+    "d7cd2b04-940b-42cb-ad2a-b4b8f937aa0e",
+    "25de0e17-3586-40d9-bbba-e7c3334b9cdf",
+    "524c5a19-63b0-4af8-acc7-bf75fdad18dc",
+    "62684124-32b1-4c41-962f-1d80531b9fc9",
+    "3f81cdbb-a594-4f63-9501-54d1d33a8b14",
+    "99356a22-4c41-41c0-a86c-5356e1e9fcff",
+    "4b814005-0bfa-4756-bf3e-3750de5b8769",
+]
+IMPERSONATED_SECRET_LIST_403 = "4b814005-0bfa-4756-bf3e-3750de5b8769"
+IMPERSONATED_POD_LIST_200 = "719a5b90-e21b-44a2-94ec-67e16493dad6"
+RECON_SECRET_LIST_403 = "a02486f1-3a7c-4bca-8bcb-9019fa43dac4"  # secret-recon-then-exec.log
+RECON_EVENTS_LIST_403 = "24444640-7e57-4ac9-b7e8-c3bf5a2942d9"
+RECON_EXEC = "927fcde7-74e5-4a57-af53-dceacefaf47c"  # ResponseStarted + ResponseComplete
+RECON_ROLE_LIST = "8084daec-f59f-4d90-b343-f59f4f3cd67c"
+MINIKUBE_EXEC = "57a794de-44d3-40ee-a0ad-c0eb096eef6c"  # pod-exec.log
+MINIKUBE_PRIVILEGED_POD = "9ac5187c-29a2-4bf8-ba6e-21dc887f5d34"  # privileged-pod.log
+SEKOIA_ADMIN_BINDINGS = [  # sekoia-mixed.log: two ClusterRoleBindings to cluster-admin
+    "cc1dcb56-f0e4-4720-bad1-433ce652add7",
+    "2028e1f9-4561-4668-9df4-bc0dcd3ae11b",
+]
+SEKOIA_PRIVILEGED_POD = "8cb523a6-0be6-4198-8886-ed4fa57bd375"
+SEKOIA_HOSTNETWORK_POD = "762eda6e-4122-4997-9a87-ada5442d43d5"
+SEKOIA_HOSTPATH_TMP_POD = "29480e0b-5b7a-43b0-8618-d5122aff5817"  # hostPath /tmp/testdir
+SEKOIA_EXEC = "91afc40c-f1ef-4956-b85a-7e12d09511e9"
+SEKOIA_POD_LIST = "bdeb089c-5d70-4776-b6af-88e739fb0dd5"
+SEKOIA_SCALE_PATCH = "bbd6d83f-4b6d-4a3d-b3cd-840a0691c19f"
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One AuditAlert file of examples/detections/, parsed."""
+
+    path: Path
+    resource: dict[str, Any]
+    rule: Rule
+
+
+def _load(path: Path) -> Detection:
+    resource = yaml.safe_load(path.read_text())
+    spec_rule = resource["spec"]["rule"]
+    return Detection(path, resource, parse_rule(spec_rule["type"], spec_rule["config"]))
+
+
+DETECTION_FILES = sorted(p for p in DETECTIONS_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+@cache
+def detections() -> dict[str, Detection]:
+    return {path.stem: _load(path) for path in DETECTION_FILES}
+
+
+@cache
+def corpus() -> list[dict[str, Any]]:
+    """Every sample and hand-written event, in file order."""
+    files = SAMPLE_LOGS + sorted(EVENTS_DIR.glob("*.jsonl"))
+    return [event for path in files for event in decode_file(path)]
+
+
+def label(event: dict[str, Any]) -> str:
+    audit_id = str(event.get("auditID"))
+    return LABEL_BY_AUDIT_ID.get(audit_id, audit_id)
+
+
+@cache
+def fired(name: str) -> list[str]:
+    """Labels of the corpus events that detection `name` matches, checked by both evaluators."""
+    events = corpus()
+    condition = detections()[name].rule.condition
+    batch = normalise(events, datetime(2025, 1, 1, tzinfo=UTC))
+    vectorised = compile_rule(condition).evaluate(batch).to_pylist()
+    per_event = [matches(condition, event) for event in events]
+    disagreements = [
+        label(e) for e, v, p in zip(events, vectorised, per_event, strict=True) if v != p
+    ]
+    assert not disagreements, f"{name}: evaluators disagree on {disagreements}"
+    return [label(event) for event, hit in zip(events, per_event, strict=True) if hit]
+
+
+def expect(name: str, fires: list[str], silent: list[str]) -> None:
+    """`name` fires exactly once per event of `fires`, and on none of the near-misses `silent`."""
+    known = {label(event) for event in corpus()}
+    unknown = [s for s in fires + silent if s not in known]
+    assert not unknown, f"not in the corpus: {unknown}"
+    assert Counter(fired(name)) == Counter(fires)
+    assert not set(silent) & set(fired(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# The resources themselves
+
+
+@pytest.mark.parametrize("path", DETECTION_FILES, ids=lambda p: p.stem)
+def test_detection_resource_is_a_complete_auditalert(path: Path) -> None:
+    detection = _load(path)
+    resource = detection.resource
+    metadata, spec = resource["metadata"], resource["spec"]
+    assert resource["apiVersion"] == "auditwatch.dev/v1alpha1"
+    assert resource["kind"] == "AuditAlert"
+    assert metadata["name"] == path.stem
+    assert metadata["labels"]["app.kubernetes.io/part-of"] == "auditwatch"
+    assert metadata["labels"]["auditwatch.dev/severity"] == spec["severity"]
+    assert spec["severity"] in SEVERITIES
+    assert metadata["annotations"]["auditwatch.dev/description"].strip()
+    assert "\n" not in metadata["annotations"]["auditwatch.dev/description"]
+    assert metadata["annotations"]["auditwatch.dev/falco-rule"].strip()
+    assert spec["stream"] == "kube-audit"
+    assert spec["targets"] == []
+    assert spec["resolveAfter"] == "5m"
+
+
+@pytest.mark.parametrize("path", DETECTION_FILES, ids=lambda p: p.stem)
+def test_message_fields_exist_in_the_events_that_fire(path: Path) -> None:
+    """A typo in a message placeholder would render as nothing in every notification."""
+    hits = [e for e in corpus() if matches(detections()[path.stem].rule.condition, e)]
+    assert hits
+    for name in re.findall(r"\{([^{}]+)\}", detections()[path.stem].resource["spec"]["message"]):
+        assert any(paths.lookup(event, name) for event in hits), f"{{{name}}} never resolves"
+
+
+def test_every_detection_is_listed_in_kustomization_and_docs() -> None:
+    kustomization = yaml.safe_load((DETECTIONS_DIR / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == [p.name for p in DETECTION_FILES]
+    docs = DOCS.read_text()
+    assert [p.name for p in DETECTION_FILES if f"`{p.name}`" not in docs] == []
+
+
+def test_every_test_named_in_the_docs_exists() -> None:
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", DOCS.read_text()))
+    assert len(named) >= len(DETECTION_FILES)
+    assert sorted(n for n in named if n not in globals()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets
+
+
+def test_secret_read() -> None:
+    expect(
+        "k8s-secret-read",
+        fires=["secret-get-by-developer", "secret-list-by-ci-serviceaccount"],
+        silent=[
+            "secret-get-by-controller-manager",
+            "secret-get-by-kubelet",
+            "secret-get-denied-for-developer",
+            "secret-get-not-found",
+            RECON_SECRET_LIST_403,
+            IMPERSONATED_SECRET_LIST_403,
+        ],
+    )
+
+
+def test_secret_read_denied() -> None:
+    expect(
+        "k8s-secret-read-denied",
+        fires=[
+            IMPERSONATED_SECRET_LIST_403,
+            RECON_SECRET_LIST_403,  # its RequestReceived stage must not count twice
+            "anonymous-list-secrets-forbidden",
+            "secret-get-denied-for-developer",
+        ],
+        silent=["secret-get-not-found", "secret-get-by-developer", RECON_EVENTS_LIST_403],
+    )
+
+
+def test_secret_created_deleted() -> None:
+    expect(
+        "k8s-secret-created-deleted",
+        fires=["secret-created-by-developer", "secret-deleted-by-ci-serviceaccount"],
+        silent=[
+            "sa-token-secret-created-by-token-controller",
+            "sa-token-secret-created-by-developer",
+            "secret-created-in-kube-system-by-developer",
+            "secret-get-by-developer",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pods: exec, port-forward, privileges, host namespaces and paths
+
+
+def test_pod_exec_attach() -> None:
+    expect(
+        "k8s-pod-exec-attach",
+        fires=[MINIKUBE_EXEC, RECON_EXEC, SEKOIA_EXEC, "pod-attach", "pod-exec-websocket-get"],
+        silent=["pod-log-read", "pod-portforward", "pod-created-unprivileged"],
+    )
+
+
+def test_pod_portforward() -> None:
+    expect(
+        "k8s-pod-portforward",
+        fires=["pod-portforward"],
+        silent=["pod-attach", "pod-log-read", MINIKUBE_EXEC],
+    )
+
+
+def test_privileged_container() -> None:
+    expect(
+        "k8s-privileged-container",
+        fires=[
+            MINIKUBE_PRIVILEGED_POD,
+            SEKOIA_PRIVILEGED_POD,
+            "pod-privileged-init-container",
+            "pod-privileged-denied-by-pod-security",  # an attempt, as in Falco
+            "pod-kube-system-by-daemonset-controller",
+            "pod-debug-privileged-ephemeral-container",
+            "daemonset-privileged-hostnetwork-docker-sock",
+            "deployment-patched-privileged",
+        ],
+        silent=[
+            "pod-created-unprivileged",
+            "pod-privileged-init-container-dry-run",
+            "deployment-created-unprivileged",
+            SEKOIA_HOSTNETWORK_POD,
+            SEKOIA_HOSTPATH_TMP_POD,
+        ],
+    )
+
+
+def test_hostnetwork_pod() -> None:
+    expect(
+        "k8s-hostnetwork-pod",
+        fires=[
+            SEKOIA_HOSTNETWORK_POD,
+            "pod-kube-system-by-daemonset-controller",
+            "daemonset-privileged-hostnetwork-docker-sock",
+        ],
+        silent=["pod-created-unprivileged", "pod-host-pid", SEKOIA_PRIVILEGED_POD],
+    )
+
+
+def test_hostpid_pod() -> None:
+    expect(
+        "k8s-hostpid-pod",
+        fires=["pod-host-pid", "cronjob-host-pid"],
+        silent=["pod-created-unprivileged", "pod-host-ipc", SEKOIA_HOSTNETWORK_POD],
+    )
+
+
+def test_hostipc_pod() -> None:
+    expect(
+        "k8s-hostipc-pod",
+        fires=["pod-host-ipc", "statefulset-host-ipc-etc-kubernetes"],
+        silent=["pod-created-unprivileged", "pod-host-pid", SEKOIA_HOSTNETWORK_POD],
+    )
+
+
+def test_sensitive_hostpath() -> None:
+    expect(
+        "k8s-sensitive-hostpath",
+        fires=[
+            "pod-hostpath-proc",
+            "pod-hostpath-kubelet-pki-subdir",
+            "daemonset-privileged-hostnetwork-docker-sock",
+            "statefulset-host-ipc-etc-kubernetes",
+        ],
+        silent=[
+            "pod-hostpath-data-and-localtime",
+            SEKOIA_HOSTPATH_TMP_POD,
+            "pod-created-unprivileged",
+            SEKOIA_PRIVILEGED_POD,
+        ],
+    )
+
+
+def test_pod_in_kube_namespace() -> None:
+    expect(
+        "k8s-pod-in-kube-namespace",
+        fires=["pod-kube-system-by-developer"],
+        silent=[
+            "pod-kube-system-by-daemonset-controller",
+            "pod-binding-by-scheduler-kube-system",
+            "pod-created-unprivileged",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Service accounts, RBAC
+
+
+def test_serviceaccount_in_kube_namespace() -> None:
+    expect(
+        "k8s-serviceaccount-in-kube-namespace",
+        fires=["serviceaccount-kube-system-by-developer"],
+        silent=[
+            "serviceaccount-kube-system-by-controller-manager",
+            "serviceaccount-token-requested-kube-system",
+            "serviceaccount-default-created-by-controller",
+        ],
+    )
+
+
+def test_role_wildcard() -> None:
+    expect(
+        "k8s-role-wildcard",
+        fires=["clusterrole-wildcard-verbs", "role-wildcard-resources"],
+        silent=[
+            "clusterrole-read-only",
+            "clusterrole-write-privileges",
+            "clusterrole-aggregated-admin-updated",
+        ],
+    )
+
+
+def test_role_write_privileges() -> None:
+    expect(
+        "k8s-role-write-privileges",
+        fires=[
+            "clusterrole-wildcard-verbs",
+            "clusterrole-write-privileges",
+            "role-pod-exec-in-namespace",
+            "system-role-kube-system-patched",
+        ],
+        silent=[
+            "clusterrole-read-only",
+            "clusterrole-pod-exec",
+            "role-wildcard-resources",
+            "clusterrole-aggregated-admin-updated",
+        ],
+    )
+
+
+def test_role_pod_exec() -> None:
+    expect(
+        "k8s-role-pod-exec",
+        fires=["clusterrole-pod-exec", "role-pod-exec-in-namespace"],
+        silent=["clusterrole-read-only", "clusterrole-write-privileges", RECON_ROLE_LIST],
+    )
+
+
+def test_cluster_admin_binding() -> None:
+    expect(
+        "k8s-cluster-admin-binding",
+        fires=[*SEKOIA_ADMIN_BINDINGS, "rolebinding-to-cluster-admin"],
+        silent=["clusterrolebinding-to-view", "clusterrolebinding-deleted"],
+    )
+
+
+def test_system_role_modified() -> None:
+    expect(
+        "k8s-system-role-modified",
+        fires=[
+            "system-clusterrole-node-patched",
+            "system-role-kube-system-patched",
+            "system-clusterrole-deleted",
+        ],
+        silent=[
+            "system-clusterrole-coredns-updated",
+            "system-clusterrole-read",
+            "clusterrole-aggregated-admin-updated",
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Services, ConfigMaps, anonymous access, denials
+
+
+def test_nodeport_service() -> None:
+    expect(
+        "k8s-nodeport-service",
+        fires=["service-nodeport-created", "service-patched-to-nodeport"],
+        silent=["service-clusterip-created", "service-deleted"],
+    )
+
+
+def test_configmap_credentials() -> None:
+    expect(
+        "k8s-configmap-credentials",
+        fires=[
+            "configmap-aws-keys",
+            "configmap-password-key-updated",
+            "configmap-password-inside-file-applied",
+        ],
+        silent=["configmap-plain-settings", "configmap-root-ca-published", "configmap-deleted"],
+    )
+
+
+def test_anonymous_request_allowed() -> None:
+    expect(
+        "k8s-anonymous-request-allowed",
+        fires=["anonymous-list-pods-allowed"],
+        silent=[
+            "anonymous-healthz",
+            "anonymous-readyz-verbose",
+            "anonymous-version",
+            "anonymous-list-secrets-forbidden",
+        ],
+    )
+
+
+def test_request_denied_burst() -> None:
+    expect(
+        "k8s-request-denied-burst",
+        fires=[
+            *IMPERSONATION_403S,
+            RECON_SECRET_LIST_403,
+            RECON_EVENTS_LIST_403,
+            "anonymous-list-secrets-forbidden",
+            "pod-privileged-denied-by-pod-security",
+            "secret-get-denied-for-developer",
+        ],
+        silent=[IMPERSONATED_POD_LIST_200, "secret-get-not-found", SEKOIA_POD_LIST],
+    )
+
+
+def test_request_denied_burst_needs_repeats() -> None:
+    """The impersonation log (11 denials) reaches the threshold; the CTF recon (2) does not."""
+    rule = detections()["k8s-request-denied-burst"].rule
+    assert rule.repeats > 1
+
+    def denials(log: str) -> int:
+        return sum(matches(rule.condition, e) for e in decode_file(SAMPLES_DIR / log))
+
+    assert (
+        denials("impersonation-and-403s.log")
+        >= rule.repeats
+        > denials("secret-recon-then-exec.log")
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Activity trail: creations and deletions
+
+
+def test_deployment_created_deleted() -> None:
+    expect(
+        "k8s-deployment-created-deleted",
+        fires=["deployment-created-unprivileged", "deployment-deleted"],
+        silent=[
+            "deployment-created-dry-run",
+            "deployment-create-already-exists",
+            "deployment-patched-privileged",
+            "deployment-status-update-by-controller",
+            SEKOIA_SCALE_PATCH,
+        ],
+    )
+
+
+def test_service_created_deleted() -> None:
+    expect(
+        "k8s-service-created-deleted",
+        fires=["service-nodeport-created", "service-clusterip-created", "service-deleted"],
+        silent=["service-patched-to-nodeport"],
+    )
+
+
+def test_configmap_created_deleted() -> None:
+    expect(
+        "k8s-configmap-created-deleted",
+        fires=[
+            "configmap-aws-keys",
+            "configmap-password-inside-file-applied",
+            "configmap-plain-settings",
+            "configmap-root-ca-published",
+            "configmap-deleted",
+        ],
+        silent=["configmap-password-key-updated"],
+    )
+
+
+def test_namespace_created_deleted() -> None:
+    expect(
+        "k8s-namespace-created-deleted",
+        fires=["namespace-created", "namespace-deleted"],
+        silent=["serviceaccount-default-created-by-controller"],
+    )
+
+
+def test_serviceaccount_created_deleted() -> None:
+    expect(
+        "k8s-serviceaccount-created-deleted",
+        fires=[
+            "serviceaccount-default-created-by-controller",
+            "serviceaccount-kube-system-by-controller-manager",
+            "serviceaccount-kube-system-by-developer",
+            "serviceaccount-deleted",
+        ],
+        silent=["serviceaccount-token-requested-kube-system"],
+    )
+
+
+def test_role_created_deleted() -> None:
+    expect(
+        "k8s-role-created-deleted",
+        fires=[
+            "clusterrole-wildcard-verbs",
+            "role-wildcard-resources",
+            "clusterrole-read-only",
+            "clusterrole-write-privileges",
+            "clusterrole-pod-exec",
+            "role-pod-exec-in-namespace",
+            "system-clusterrole-deleted",
+        ],
+        silent=["system-clusterrole-node-patched", "clusterrole-aggregated-admin-updated"],
+    )
+
+
+def test_rolebinding_created_deleted() -> None:
+    expect(
+        "k8s-rolebinding-created-deleted",
+        fires=[
+            *SEKOIA_ADMIN_BINDINGS,
+            "rolebinding-to-cluster-admin",
+            "clusterrolebinding-to-view",
+            "clusterrolebinding-deleted",
+        ],
+        silent=[RECON_ROLE_LIST, "clusterrole-read-only"],
+    )
