@@ -1,0 +1,268 @@
+"""AuditStream / AuditAlert resources (plain dicts) -> the configuration model, secrets resolved.
+
+Both configuration sources (YAML files in standalone mode, the Kubernetes API in the operator)
+hand their resource dicts to `build_stream` / `build_alert`, so a resource means the same thing
+and fails with the same `ConfigError` wherever it comes from. The schema (from the CRDs) is checked
+first; the rules the schema cannot express (which fields go with which target type, positive
+durations, label names) are checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Collection, Mapping
+from datetime import timedelta
+from typing import Any, Literal, cast
+
+from auditwatch.config import schema
+from auditwatch.config.model import (
+    AlertSpec,
+    ConfigError,
+    IngestAuth,
+    RepeatSpec,
+    StreamSpec,
+    TargetSpec,
+    TargetType,
+)
+from auditwatch.rules.errors import RuleError
+from auditwatch.rules.parse import parse_rule
+
+SecretLookup = Callable[[str | None, str, str], str | None]
+"""(namespace, Secret name, key) -> the value, or None when the Secret or the key is missing.
+
+A namespace of None means the source's own default: the operator's namespace in a cluster,
+`default` in standalone files.
+"""
+
+DEFAULT_NAMESPACE = "default"
+"""The namespace of an AuditAlert file that names none (what kubectl would use)."""
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+"""Alertmanager (Prometheus) label names."""
+
+_TARGET_FIELDS: dict[str, frozenset[str]] = {
+    "webhook": frozenset({"headers", "headersFrom"}),
+    "slack": frozenset(),
+    "alertmanager": frozenset(
+        {"headers", "headersFrom", "username", "passwordSecretRef", "credentialsSecretRef"}
+    ),
+}
+"""The optional fields each target type uses, beyond name/endpoint/skipTlsCheck/timeout/repeat."""
+_TYPE_SPECIFIC_FIELDS = frozenset[str]().union(*_TARGET_FIELDS.values())
+
+
+def _checked(resource: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The resource with defaults applied, or InvalidSpec listing every schema problem."""
+    if isinstance(resource, Mapping) and resource.get("kind") != kind:
+        raise ConfigError("InvalidSpec", f"kind: expected {kind} (got {resource.get('kind')!r})")
+    problems = schema.validate(resource)
+    if problems:
+        raise ConfigError("InvalidSpec", "; ".join(problems))
+    return schema.apply_defaults(resource)
+
+
+def _duration(value: str, where: str) -> timedelta:
+    """A positive duration (the pattern was checked by the schema; zero is not useful anywhere)."""
+    try:
+        duration = schema.parse_duration(value)
+    except schema.DurationError as error:
+        raise ConfigError("InvalidSpec", f"{where}: {error}") from None
+    if duration <= timedelta():
+        raise ConfigError("InvalidSpec", f"{where}: must be longer than zero (got {value!r})")
+    return duration
+
+
+def _secret(secrets: SecretLookup, namespace: str | None, name: str, key: str, where: str) -> str:
+    """A Secret value, without the line break `kubectl create secret --from-file` often leaves."""
+    value = secrets(namespace, name, key)
+    if value is None:
+        secret = f"{namespace}/{name}" if namespace else name
+        raise ConfigError("SecretNotFound", f"{where}: key {key!r} of Secret {secret!r} not found")
+    return value.rstrip("\r\n")
+
+
+def build_stream(resource: Mapping[str, Any], secrets: SecretLookup) -> StreamSpec:
+    """The StreamSpec of an AuditStream resource; ConfigError (InvalidSpec, SecretNotFound)."""
+    stream = _checked(resource, "AuditStream")
+    spec = stream["spec"]
+    auth = None
+    basic = spec.get("auth", {}).get("basic")
+    bearer = spec.get("auth", {}).get("bearer")
+    if basic is not None:
+        ref = basic["secretRef"]
+        where = "spec.auth.basic.secretRef"
+        auth = IngestAuth(
+            username=_secret(secrets, ref.get("namespace"), ref["name"], ref["usernameKey"], where),
+            password=_secret(secrets, ref.get("namespace"), ref["name"], ref["passwordKey"], where),
+        )
+    elif bearer is not None:
+        ref = bearer["secretRef"]
+        where = "spec.auth.bearer.secretRef"
+        auth = IngestAuth(
+            bearer_token=_secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
+        )
+    retention = spec.get("retention")
+    limits = spec["limits"]
+    return StreamSpec(
+        name=stream["metadata"]["name"],
+        auth=auth,
+        retention=None if retention is None else _duration(retention, "spec.retention"),
+        max_body_bytes=limits["maxBodyBytes"],
+        max_event_bytes=limits["maxEventBytes"],
+        generation=stream["metadata"].get("generation", 1),
+    )
+
+
+def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec:
+    """The AlertSpec of an AuditAlert resource.
+
+    Raises ConfigError: InvalidSpec (schema and field-combination problems), InvalidRule (the
+    message is the parser's one-liner with the position; the RuleError is the `__cause__`, for
+    `pretty()`), SecretNotFound. Whether the stream exists is for the caller (`check_stream`).
+    """
+    alert = _checked(resource, "AuditAlert")
+    metadata, spec = alert["metadata"], alert["spec"]
+    namespace = metadata.get("namespace") or DEFAULT_NAMESPACE
+    rule_type = cast(Literal["column", "composite"], spec["rule"]["type"])
+    rule_config = spec["rule"]["config"]
+    if rule_type == "composite" and not isinstance(rule_config, str):
+        raise ConfigError("InvalidSpec", "spec.rule.config: a composite rule's config is a string")
+    if not isinstance(rule_config, str | dict):
+        raise ConfigError(
+            "InvalidSpec", "spec.rule.config: a column rule's config is a mapping (or its JSON)"
+        )
+    try:
+        rule = parse_rule(rule_type, rule_config)
+    except RuleError as error:
+        raise ConfigError("InvalidRule", f"spec.rule.config: {error}") from error
+    for name in spec.get("labels", {}):
+        if not _LABEL_NAME.fullmatch(name):
+            raise ConfigError(
+                "InvalidSpec",
+                f"spec.labels: {name!r} is not a label name "
+                "(letters, digits and '_', not starting with a digit)",
+            )
+    return AlertSpec(
+        namespace=namespace,
+        name=metadata["name"],
+        stream=spec["stream"],
+        rule=rule,
+        rule_type=rule_type,
+        rule_text=rule_config if isinstance(rule_config, str) else json.dumps(rule_config),
+        message=spec["message"],
+        targets=_targets(spec.get("targets", []), namespace, secrets),
+        resolve_after=_duration(spec["resolveAfter"], "spec.resolveAfter"),
+        severity=spec.get("severity"),
+        labels=dict(spec.get("labels", {})),
+        generation=metadata.get("generation", 1),
+    )
+
+
+def _targets(
+    targets: list[dict[str, Any]], namespace: str, secrets: SecretLookup
+) -> tuple[TargetSpec, ...]:
+    built = [_target(target, index, namespace, secrets) for index, target in enumerate(targets)]
+    seen: set[str] = set()
+    for index, target in enumerate(built):
+        if target.name in seen:
+            raise ConfigError(
+                "InvalidSpec", f"spec.targets[{index}].name: {target.name!r} is used twice"
+            )
+        seen.add(target.name)
+    return tuple(built)
+
+
+def _target(
+    target: dict[str, Any], index: int, namespace: str, secrets: SecretLookup
+) -> TargetSpec:
+    where = f"spec.targets[{index}]"
+    target_type = cast(TargetType, target["type"])
+    for field in sorted(_TYPE_SPECIFIC_FIELDS - _TARGET_FIELDS[target_type]):
+        if field in target:
+            hint = " (send credentials with headersFrom)" if target_type == "webhook" else ""
+            raise ConfigError(
+                "InvalidSpec", f"{where}.{field}: not used by {target_type} targets{hint}"
+            )
+    if "endpointSecretRef" in target:
+        ref = target["endpointSecretRef"]
+        field = f"{where}.endpointSecretRef"
+        endpoint = _secret(secrets, namespace, ref["name"], ref["key"], field)
+        if not re.match(r"https?://", endpoint):
+            raise ConfigError(
+                "InvalidSpec",
+                f"{field}: key {ref['key']!r} of Secret {ref['name']!r} "
+                "does not hold an http:// or https:// URL",
+            )
+    else:
+        endpoint = target["endpoint"]
+    username, password = _credentials(target, where, namespace, secrets)
+    return TargetSpec(
+        type=target_type,
+        endpoint=endpoint,
+        name=target.get("name", f"{target_type}-{index}"),
+        headers=_headers(target, where, namespace, secrets),
+        skip_tls_check=target["skipTlsCheck"],
+        username=username,
+        password=password,
+        repeat=RepeatSpec(
+            interval=_duration(target["repeat"]["interval"], f"{where}.repeat.interval"),
+            times=target["repeat"]["times"],
+        ),
+        timeout=_duration(target["timeout"], f"{where}.timeout"),
+    )
+
+
+def _headers(
+    target: dict[str, Any], where: str, namespace: str, secrets: SecretLookup
+) -> dict[str, str]:
+    headers = dict(target.get("headers", {}))
+    for index, header in enumerate(target.get("headersFrom", [])):
+        field = f"{where}.headersFrom[{index}]"
+        ref = header["secretRef"]
+        headers[header["name"]] = _secret(secrets, namespace, ref["name"], ref["key"], field)
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not re.fullmatch(schema.HEADER_NAME, name):
+            raise ConfigError("InvalidSpec", f"{where}.headers: {name!r} is not a header name")
+        if "\n" in value or "\r" in value:
+            raise ConfigError(
+                "InvalidSpec", f"{where}: the value of header {name!r} has a line break"
+            )
+        if name.lower() in seen:
+            raise ConfigError("InvalidSpec", f"{where}: header {name!r} is set twice")
+        seen.add(name.lower())
+    return headers
+
+
+def _credentials(
+    target: dict[str, Any], where: str, namespace: str, secrets: SecretLookup
+) -> tuple[str | None, str | None]:
+    """Basic-auth user and password: inline user + password Secret, or one credentials Secret."""
+    if "credentialsSecretRef" in target:
+        for field in ("username", "passwordSecretRef"):
+            if field in target:
+                raise ConfigError(
+                    "InvalidSpec", f"{where}.{field}: cannot be combined with credentialsSecretRef"
+                )
+        ref = target["credentialsSecretRef"]
+        field = f"{where}.credentialsSecretRef"
+        return (
+            _secret(secrets, namespace, ref["name"], ref["usernameKey"], field),
+            _secret(secrets, namespace, ref["name"], ref["passwordKey"], field),
+        )
+    if "passwordSecretRef" in target:
+        if "username" not in target:
+            raise ConfigError("InvalidSpec", f"{where}.passwordSecretRef: needs {where}.username")
+        ref = target["passwordSecretRef"]
+        field = f"{where}.passwordSecretRef"
+        return target["username"], _secret(secrets, namespace, ref["name"], ref["key"], field)
+    return target.get("username"), None
+
+
+def check_stream(alert: AlertSpec, streams: Collection[str]) -> None:
+    """StreamNotFound unless the alert's stream is among the usable `streams`."""
+    if alert.stream not in streams:
+        raise ConfigError(
+            "StreamNotFound", f"spec.stream: no usable AuditStream named {alert.stream!r}"
+        )
