@@ -1,0 +1,173 @@
+"""Benchmark: decode + normalise, and rule evaluation over decoded batches.
+
+    python bench/rules.py [--events 300000] [--batch 10000]
+
+Generates a deterministic stream of realistic audit events (the real samples of
+../shared/audit-samples, or the bundled examples, varied in user, verb, resource, namespace,
+name, code and auditID), then reports events/s for:
+  - pyarrow.json.read_json of the same NDJSON bytes (the raw parse rate, for scale),
+  - auditwatch's decode_body + normalise of those bytes,
+  - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches.
+Everything runs in this one process on one core (pyarrow's thread pool is limited to 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.json as pajson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "operator"))
+
+from auditwatch.decode import decode_body, decode_file  # noqa: E402
+from auditwatch.normalise import EventBatch, normalise  # noqa: E402
+from auditwatch.rules.evaluate import compile_rule  # noqa: E402
+from auditwatch.rules.parse import parse_expression  # noqa: E402
+
+SAMPLES = ROOT.parent / "shared" / "audit-samples"
+
+USERS = [
+    "system:serviceaccount:default:authorized-user",
+    "system:serviceaccount:default:unauthorized-user",
+    "system:serviceaccount:kube-system:replicaset-controller",
+    "system:kube-controller-manager",
+    "system:node:worker-1",
+    "kubernetes-admin",
+    "alice@example.com",
+    "system:anonymous",
+]
+VERBS = ["get", "list", "watch", "create", "update", "patch", "delete"]
+RESOURCES = ["secrets", "pods", "configmaps", "leases", "deployments", "roles", "clusterroles"]
+NAMESPACES = ["default", "kube-system", "prod", "monitoring", "kube-public"]
+CODES = [200, 200, 200, 201, 403, 404, 409]
+
+RULE_TEMPLATES = [
+    'verb = "{verb}" and objectRef_resource = "{resource}"',
+    '(verb =% "list" or verb =% "get") and (objectRef_resource = "{resource}" and '
+    'user_username !% "authorized-user")',
+    "responseStatus_code >= {code}",
+    'objectRef_subresource = "exec" and objectRef_namespace = "{namespace}"',
+    'user_username ~ "^system:serviceaccount:{namespace}:"',
+    'verb = "delete" and objectRef_resource = "namespaces"',
+    'objectRef_namespace = "{namespace}" and verb = "create"',
+    'user_username = "system:anonymous"',
+    'responseStatus_code = 403 and objectRef_resource = "{resource}"',
+    'verb != "watch" and objectRef_resource =% "role" and !(user_username = "{user}")',
+]
+
+
+def templates() -> list[dict[str, Any]]:
+    """Real events to vary: the shared samples when present, else the bundled example log."""
+    files = sorted(SAMPLES.glob("*.log")) if SAMPLES.is_dir() else []
+    events: list[dict[str, Any]] = []
+    for file in files:
+        events.extend(decode_file(file))
+    return events
+
+
+def generate(count: int, seed: int = 7) -> bytes:
+    """`count` varied events as NDJSON bytes (deterministic for a seed)."""
+    rng = random.Random(seed)
+    base = templates()
+    out = io.BytesIO()
+    for i in range(count):
+        event = orjson.loads(orjson.dumps(rng.choice(base)))
+        event["auditID"] = f"{seed:08x}-{i:012x}-4000-8000-000000000000"
+        event["verb"] = rng.choice(VERBS)
+        event.setdefault("user", {})["username"] = rng.choice(USERS)
+        ref = event.setdefault("objectRef", {})
+        ref["resource"] = rng.choice(RESOURCES)
+        ref["namespace"] = rng.choice(NAMESPACES)
+        ref["name"] = f"object-{rng.randrange(1000)}"
+        event.setdefault("responseStatus", {})["code"] = rng.choice(CODES)
+        out.write(orjson.dumps(event))
+        out.write(b"\n")
+    return out.getvalue()
+
+
+def rules(count: int, seed: int = 11) -> list[str]:
+    rng = random.Random(seed)
+    texts = []
+    for i in range(count):
+        template = RULE_TEMPLATES[i % len(RULE_TEMPLATES)]
+        texts.append(
+            template.format(
+                verb=rng.choice(VERBS),
+                resource=rng.choice(RESOURCES),
+                code=rng.choice([400, 403, 404, 500]),
+                namespace=rng.choice(NAMESPACES),
+                user=rng.choice(USERS),
+            )
+        )
+    return texts
+
+
+def rate(events: int, seconds: float) -> str:
+    return f"{events / seconds:>12,.0f} events/s  ({seconds:.3f} s)"
+
+
+def best_of(runs: int, fn: Any) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--batch", type=int, default=10_000, help="events per decoded batch")
+    parser.add_argument("--runs", type=int, default=3, help="best of N runs per measurement")
+    args = parser.parse_args()
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
+
+    body = generate(args.events)
+    lines = body.splitlines(keepends=True)
+    chunks = [
+        b"".join(lines[start : start + args.batch]) for start in range(0, len(lines), args.batch)
+    ]
+    mib = len(body) / 2**20
+    print(f"{args.events:,} events, {mib:.1f} MiB NDJSON, batches of {args.batch:,}, one core")
+
+    read_options = pajson.ReadOptions(use_threads=False, block_size=1 << 24)
+    raw = best_of(args.runs, lambda: [pajson.read_json(io.BytesIO(c), read_options) for c in chunks])
+    print(f"pyarrow.json.read_json      {rate(args.events, raw)}")
+
+    now = datetime.now(UTC)
+    batches: list[EventBatch] = []
+
+    def decode_all() -> None:
+        batches.clear()
+        batches.extend(normalise(decode_body(c), received_at=now) for c in chunks)
+
+    decoded = best_of(args.runs, decode_all)
+    print(f"decode_body + normalise     {rate(args.events, decoded)}  "
+          f"= {raw / decoded:.2f} x pyarrow")
+
+    for count in (1, 10, 100):
+        compiled = [compile_rule(parse_expression(text)) for text in rules(count)]
+
+        def evaluate_all(compiled: list[Any] = compiled) -> None:
+            for batch in batches:
+                for rule in compiled:
+                    rule.evaluate(batch)
+
+        seconds = best_of(args.runs, evaluate_all)
+        print(f"evaluate {count:>3} rule(s)          {rate(args.events, seconds)}")
+
+
+if __name__ == "__main__":
+    main()

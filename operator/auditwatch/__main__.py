@@ -1,0 +1,5 @@
+"""`python -m auditwatch`: the same as the `auditwatch` command."""
+
+from auditwatch.cli import main
+
+main()

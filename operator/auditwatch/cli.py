@@ -1,0 +1,261 @@
+"""The `auditwatch` command line: thin wrappers that turn flags into calls on the core.
+
+Exit codes: 0 success; 1 the command ran and found a problem (lint findings, an unreadable
+file, a refused replay); 2 bad usage, a bad rule included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from auditwatch import __version__
+
+ExistingFile = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"auditwatch: {message}", err=True)
+    sys.exit(code)
+
+
+def parse_rule_or_exit(rule: str, rule_type: str) -> Any:
+    """The parsed rule, or exit 2 with the error under a caret."""
+    from auditwatch.rules.errors import RuleError
+    from auditwatch.rules.parse import parse_rule
+
+    try:
+        return parse_rule(rule_type, rule)
+    except RuleError as error:
+        click.echo(error.pretty(), err=True)
+        sys.exit(2)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="auditwatch")
+def main() -> None:
+    """Kubernetes audit events in, alerts out."""
+
+
+@main.command("test-rule")
+@click.argument("rule")
+@click.argument("files", nargs=-1, required=True, type=ExistingFile)
+@click.option(
+    "--type",
+    "rule_type",
+    type=click.Choice(["composite", "column"]),
+    default="composite",
+    show_default=True,
+    help="composite: RULE is rule text; column: RULE is a Parseable column config as JSON.",
+)
+@click.option("--count", is_flag=True, help="Print only the number of matching events.")
+def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -> None:
+    """Print the events of audit log FILES that RULE matches, as JSON lines.
+
+    FILES may be in any shape the receiver accepts (one event per line, EventList, JSON array,
+    Vector or AKS envelopes, gzip). A bad rule exits 2 with the error and its position.
+    """
+    from auditwatch.decode import DecodeError, decode_file
+    from auditwatch.normalise import normalise
+    from auditwatch.rules.evaluate import compile_rule
+
+    compiled = compile_rule(parse_rule_or_exit(rule, rule_type).condition)
+    matched = 0
+    out = sys.stdout.buffer
+    for file in files:
+        try:
+            events = decode_file(file)
+        except (DecodeError, OSError) as error:
+            fail(f"{file}: {error}")
+        hits = (batch := normalise(events, received_at=datetime.now(UTC))).filter(
+            compiled.evaluate(batch)
+        )
+        matched += len(hits)
+        if not count:
+            for event in hits.events:
+                out.write(orjson.dumps(event) + b"\n")
+    if count:
+        click.echo(str(matched))
+
+
+@main.command()
+@click.option(
+    "--resources",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Folder of AuditStream, AuditAlert and Secret YAML (followed while running).",
+)
+@click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, type=int, show_default=True)
+@click.option("--log-level", default="info", show_default=True)
+def serve(resources: Path, data: Path, host: str, port: int, log_level: str) -> None:
+    """Standalone: receive, store and alert with resources from YAML files, no cluster."""
+    from auditwatch.serve import serve as run_serve
+    from auditwatch.store import StoreLocked
+
+    setup_logging(log_level)
+    try:
+        asyncio.run(run_serve(resources, data, host=host, port=port))
+    except StoreLocked as error:
+        fail(str(error))
+
+
+@main.command()
+@click.option("--data", default=Path("/data"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, type=int, show_default=True)
+@click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
+@click.option("--log-level", default="info", show_default=True)
+def run(data: Path, host: str, port: int, namespaces: tuple[str, ...], log_level: str) -> None:
+    """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
+    from auditwatch.kube.operator import run_operator
+
+    setup_logging(log_level)
+    asyncio.run(run_operator(data, host=host, port=port, namespaces=list(namespaces)))
+
+
+@main.command()
+@click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--stream", required=True)
+@click.option("--rule", default=None, help="Only events this rule (composite text) matches.")
+@click.option("--since", default=None, help="A duration back from now (1h) or an RFC 3339 time.")
+@click.option("--until", default=None, help="A duration back from now or an RFC 3339 time.")
+def query(data: Path, stream: str, rule: str | None, since: str | None, until: str | None) -> None:
+    """Print stored events of a stream as JSON lines, oldest first."""
+    from auditwatch.store import parse_time_bound
+    from auditwatch.store import query as run_query
+
+    condition = None if rule is None else parse_rule_or_exit(rule, "composite").condition
+    try:
+        bounds = [None if b is None else parse_time_bound(b) for b in (since, until)]
+        events = run_query(data, stream, condition=condition, since=bounds[0], until=bounds[1])
+        out = sys.stdout.buffer
+        for event in events:
+            out.write(orjson.dumps(event) + b"\n")
+    except ValueError as error:
+        fail(str(error), 2)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+def lint(paths: tuple[Path, ...]) -> None:
+    """Check AuditStream / AuditAlert YAML: schema (from crds/) and rule syntax."""
+    from auditwatch.lint import lint as run_lint
+
+    problems = run_lint(list(paths))
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=ExistingFile)
+@click.option("--to", "url", required=True, help="Receiver base URL, e.g. http://127.0.0.1:8000")
+@click.option("--stream", required=True)
+@click.option("--gzip", "compress", is_flag=True, help="gzip each batch, as Vector can.")
+@click.option("--batch-size", default=400, show_default=True, help="Events per EventList.")
+@click.option("--user", default=None, help="Basic auth as USER:PASSWORD.")
+@click.option("--token", default=None, help="Bearer token.")
+def replay(
+    files: tuple[Path, ...],
+    url: str,
+    stream: str,
+    compress: bool,
+    batch_size: int,
+    user: str | None,
+    token: str | None,
+) -> None:
+    """Send audit log FILES the way the apiserver's webhook backend does (EventList batches)."""
+    import aiohttp
+    from tqdm import tqdm
+
+    from auditwatch.decode import DecodeError, decode_file
+    from auditwatch.replay import ReplayError
+    from auditwatch.replay import replay as run_replay
+
+    events: list[dict[str, Any]] = []
+    for file in files:
+        try:
+            events.extend(decode_file(file))
+        except (DecodeError, OSError) as error:
+            fail(f"{file}: {error}")
+    auth = None
+    if user is not None:
+        name, _, password = user.partition(":")
+        auth = aiohttp.BasicAuth(name, password)
+    with tqdm(total=len(events), unit="event", file=sys.stderr) as bar:
+        try:
+            result = asyncio.run(
+                run_replay(
+                    events,
+                    url,
+                    stream=stream,
+                    batch_size=batch_size,
+                    compress=compress,
+                    auth=auth,
+                    token=token,
+                    on_batch=bar.update,
+                )
+            )
+        except ReplayError as error:
+            fail(str(error))
+    click.echo(
+        f"sent {result.events} events in {result.batches} batches ({result.retries} retries)"
+    )
+
+
+@main.command()
+@click.argument("file", type=ExistingFile)
+@click.option("--stream", required=True, help="The AuditStream the alerts watch.")
+@click.option("--namespace", default=None, help="Namespace of the AuditAlerts.")
+def convert(file: Path, stream: str, namespace: str | None) -> None:
+    """Turn a Parseable alerts document into AuditAlert YAML (and Secrets for credentials)."""
+    from auditwatch.convert import ConvertError, convert_alerts
+
+    try:
+        conversion = convert_alerts(file.read_text(), stream=stream, namespace=namespace)
+    except ConvertError as error:
+        fail(f"{file}: {error}", 2)
+    for warning in conversion.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(conversion.yaml(), nl=False)
+
+
+@main.command()
+@click.option("--server", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--streams", is_flag=True, help="Show streams instead of alerts.")
+def status(server: str, streams: bool) -> None:
+    """The table `kubectl get auditalerts` would show, from a running auditwatch."""
+    from auditwatch.status_table import StatusUnavailable, alerts_table, fetch_status, streams_table
+
+    try:
+        current = asyncio.run(fetch_status(server))
+    except StatusUnavailable as error:
+        fail(str(error))
+    now = datetime.now(UTC)
+    click.echo(streams_table(current, now) if streams else alerts_table(current, now))
+
+
+@main.command()
+@click.option("--port", default=0, type=int, help="Receiver port (default: any free one).")
+def demo(port: int) -> None:
+    """The seed scenario end to end: events in, the right alert fires, then resolves."""
+    from auditwatch.demo import run_demo
+
+    sys.exit(asyncio.run(run_demo(port=port, echo=click.echo)))

@@ -1,0 +1,352 @@
+"""The core of a running auditwatch: config in force, storage, rule evaluation, alert state.
+
+Both front ends drive one `Engine`: `serve` feeds it AuditStream/AuditAlert YAML files, the
+operator feeds it the same resources from the Kubernetes API; the receiver hands it request
+bodies. It knows nothing of HTTP or kopf.
+
+Data flow of one accepted request: normalise -> store (de-duplicated, durable) -> evaluate the
+stream's rules on the events that were new -> alert trackers -> notifications. Rules only ever
+see events that were stored for the first time, so a batch the apiserver re-sends is neither
+kept nor counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from auditwatch.alerts import AlertTracker, Notice, SnapshotError
+from auditwatch.config.model import AlertSpec, ConfigError, StreamSpec
+from auditwatch.metrics import Metrics
+from auditwatch.normalise import normalise
+from auditwatch.notify import Notifier
+from auditwatch.rules.evaluate import CompiledRule, compile_rule
+from auditwatch.status import Conditions, alert_status, iso, stream_status
+from auditwatch.store import Store
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = Path(".state") / "alerts.json"
+"""Alert trackers' snapshots, below the data directory (stream names cannot start with a dot)."""
+
+MAX_TICK = timedelta(seconds=1)
+"""Longest sleep of the background loop: flushes and state saves happen at least this often."""
+
+RETENTION_EVERY = timedelta(minutes=5)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _LiveAlert:
+    spec: AlertSpec
+    rule: CompiledRule
+    tracker: AlertTracker
+
+
+@dataclass(frozen=True)
+class InvalidAlert:
+    """An AuditAlert that cannot run: its status says Invalid with this reason."""
+
+    namespace: str
+    name: str
+    stream: str | None
+    reason: str
+    message: str
+    generation: int = 1
+
+
+class Engine:
+    """Everything between an accepted request body and a notification."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        store: Store | None = None,
+        notifier: Notifier | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.metrics = Metrics()
+        self.store = store or Store(self.data_dir)
+        self.notifier = notifier or Notifier()
+        self.clock = clock
+        self.config_loaded = False
+        self._streams: dict[str, StreamSpec] = {}
+        self._alerts: dict[str, _LiveAlert] = {}
+        self._by_stream: dict[str, tuple[_LiveAlert, ...]] = {}
+        self._invalid: dict[str, InvalidAlert] = {}
+        self._problems: list[str] = []
+        self._since: dict[str, datetime] = {}
+        """When each stream and alert was first applied: the AGE of `auditwatch status`."""
+        self._conditions = Conditions()
+        self._state_path = self.data_dir / STATE_FILE
+        self._saved = self._load_state()
+        self._dirty = False
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._wakeup: asyncio.Event | None = None
+        self._last_retention = datetime.min.replace(tzinfo=UTC)
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def apply(
+        self,
+        streams: Mapping[str, StreamSpec],
+        alerts: Mapping[str, AlertSpec],
+        invalid: Mapping[str, InvalidAlert] | None = None,
+        problems: list[str] | None = None,
+    ) -> None:
+        """Put a complete configuration in force; alerts keep their state where their rule did.
+
+        An alert on a stream that is not defined becomes Invalid (StreamNotFound). Alerts not in
+        `alerts` any more stop matching at once and their saved state is dropped. `problems` are
+        configuration errors to show in the status (a file that does not parse, say).
+        """
+        invalid = dict(invalid or {})
+        live: dict[str, _LiveAlert] = {}
+        for key, spec in alerts.items():
+            if spec.stream not in streams:
+                invalid[key] = InvalidAlert(
+                    spec.namespace,
+                    spec.name,
+                    spec.stream,
+                    "StreamNotFound",
+                    f"no AuditStream named {spec.stream!r}",
+                    spec.generation,
+                )
+                continue
+            live[key] = self._live_alert(key, spec)
+        for key in set(self._alerts) - set(live):
+            self.notifier.forget(key)
+            self._saved.pop(key, None)
+            self._dirty = True
+        by_stream: dict[str, list[_LiveAlert]] = {}
+        for alert in live.values():
+            by_stream.setdefault(alert.spec.stream, []).append(alert)
+        self._streams = dict(streams)
+        self._alerts = live
+        self._by_stream = {name: tuple(alerts) for name, alerts in by_stream.items()}
+        self._invalid = invalid
+        self._problems = list(problems or [])
+        now = self.clock()
+        for key in [*streams, *live, *invalid]:
+            self._since.setdefault(key, now)
+        self.config_loaded = True
+        self._wake()
+
+    def _live_alert(self, key: str, spec: AlertSpec) -> _LiveAlert:
+        current = self._alerts.get(key)
+        if current is not None and current.spec == spec:
+            return current
+        if current is not None:
+            tracker = AlertTracker.restore(spec, current.tracker.snapshot())
+        elif key in self._saved:
+            try:
+                tracker = AlertTracker.restore(spec, self._saved[key])
+            except SnapshotError as error:
+                logger.warning("alert %s: saved state ignored: %s", key, error)
+                tracker = AlertTracker(spec)
+        else:
+            tracker = AlertTracker(spec)
+        self._dirty = True
+        return _LiveAlert(spec, compile_rule(spec.rule.condition), tracker)
+
+    def stream(self, name: str) -> StreamSpec | None:
+        return self._streams.get(name)
+
+    # -- ingest -----------------------------------------------------------------------------
+
+    async def ingest(self, stream: StreamSpec, events: list[dict[str, Any]]) -> dict[str, int]:
+        """Keep `events` durably and run the stream's alerts on those not seen before.
+
+        Raises StorageUnavailable when nothing could be kept. Returns counts for the answer.
+        """
+        now = self.clock()
+        alerts = self._by_stream.get(stream.name, ())
+        stored, matches = await asyncio.to_thread(
+            self._store_and_match, stream.name, events, now, alerts
+        )
+        self.metrics.events_received.labels(stream.name).inc(len(events))
+        self.metrics.events_stored.labels(stream.name).inc(stored)
+        self.metrics.events_duplicate.labels(stream.name).inc(len(events) - stored)
+        for alert, matching in matches:
+            self.metrics.rule_matches.labels(alert.spec.key).inc(len(matching))
+            if self._alerts.get(alert.spec.key) is alert:  # not deleted meanwhile
+                self._deliver(alert.spec, alert.tracker.observe(matching, now))
+        if matches:
+            self._dirty = True
+            self._wake()
+        return {"received": len(events), "stored": stored, "duplicates": len(events) - stored}
+
+    def _store_and_match(
+        self,
+        stream: str,
+        events: list[dict[str, Any]],
+        now: datetime,
+        alerts: tuple[_LiveAlert, ...],
+    ) -> tuple[int, list[tuple[_LiveAlert, list[dict[str, Any]]]]]:
+        """CPU and disk work of one request, run in a worker thread."""
+        new = self.store.append(stream, normalise(events, received_at=now))
+        matches = []
+        if len(new):
+            for alert in alerts:
+                try:
+                    mask = alert.rule.evaluate(new)
+                except Exception:  # the events are kept: a rule bug must not fail the request
+                    logger.exception("alert %s: rule evaluation failed", alert.spec.key)
+                    continue
+                if mask.true_count:
+                    matches.append((alert, new.filter(mask).events))
+        return len(new), matches
+
+    # -- time -------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Repeats, resolves, Parquet flushes, retention and state saves, until `stop` is set."""
+        self._wakeup = asyncio.Event()
+        while not stop.is_set():
+            now = self.clock()
+            for alert in list(self._alerts.values()):
+                notices = alert.tracker.tick(now)
+                if notices:
+                    self._dirty = True
+                    self._deliver(alert.spec, notices)
+            await self._housekeeping(now)
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self._sleep_seconds(now))
+
+    async def _housekeeping(self, now: datetime) -> None:
+        try:
+            await asyncio.to_thread(self.store.flush, now)
+            if now - self._last_retention >= RETENTION_EVERY:
+                self._last_retention = now
+                for name, spec in self._streams.items():
+                    if spec.retention is not None:
+                        await asyncio.to_thread(
+                            self.store.apply_retention, name, spec.retention, now
+                        )
+        except Exception:  # keep the loop alive; data stays staged and is retried next time
+            logger.exception("storage housekeeping failed")
+        if self._dirty:
+            self._dirty = False
+            try:
+                await asyncio.to_thread(self._save_state)
+            except OSError:
+                self._dirty = True
+                logger.exception("cannot save alert state to %s", self._state_path)
+
+    def _sleep_seconds(self, now: datetime) -> float:
+        deadlines = [now + MAX_TICK]
+        deadlines += [
+            deadline
+            for alert in self._alerts.values()
+            if (deadline := alert.tracker.next_deadline()) is not None
+        ]
+        return max(0.0, (min(deadlines) - now).total_seconds())
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _deliver(self, spec: AlertSpec, notices: list[Notice]) -> None:
+        if not notices:
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver_counted(spec, notices))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver_counted(self, spec: AlertSpec, notices: list[Notice]) -> None:
+        results = await asyncio.gather(*(self.notifier.deliver(spec, n) for n in notices))
+        for notice, ok in zip(notices, results, strict=True):
+            counter = self.metrics.notifications_sent if ok else self.metrics.notifications_failed
+            counter.labels(spec.key, notice.target).inc()
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Finish deliveries in flight (up to `timeout`), save state, flush storage."""
+        if self._deliveries:
+            await asyncio.wait(set(self._deliveries), timeout=timeout)
+        self._save_state()
+        await asyncio.to_thread(self.store.close)
+        await self.notifier.close()
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, dict[str, Any]]:
+        try:
+            saved = orjson.loads(self._state_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, orjson.JSONDecodeError) as error:
+            logger.warning("alert state in %s ignored: %s", self._state_path, error)
+            return {}
+        return saved if isinstance(saved, dict) else {}
+
+    def _save_state(self) -> None:
+        """Write every tracker's snapshot atomically (temp file, fsync, rename)."""
+        self._saved.update({key: alert.tracker.snapshot() for key, alert in self._alerts.items()})
+        self._state_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self._state_path.with_suffix(".tmp")
+        with open(temporary, "wb") as file:
+            file.write(orjson.dumps(self._saved))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self._state_path)
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready once a configuration is loaded and the data directory takes writes."""
+        if not self.config_loaded:
+            return False, "configuration not loaded yet"
+        if not os.access(self.data_dir, os.W_OK):
+            return False, f"data directory {self.data_dir} is not writable"
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        """Every stream and alert with the fields of its custom resource's status."""
+        now = self.clock()
+        streams = {
+            name: stream_status(spec, self.store.stats(name), self._conditions, now)
+            for name, spec in sorted(self._streams.items())
+        }
+        alerts: dict[str, Any] = {}
+        for key, alert in sorted(self._alerts.items()):
+            alerts[key] = alert_status(
+                alert.spec.namespace,
+                alert.spec.name,
+                alert.spec.stream,
+                alert.spec.generation,
+                alert.tracker.status(),
+                self.notifier.status(key),
+                None,
+                self._conditions,
+                now,
+            )
+        for key, bad in sorted(self._invalid.items()):
+            alerts[key] = alert_status(
+                bad.namespace,
+                bad.name,
+                bad.stream,
+                bad.generation,
+                None,
+                {},
+                ConfigError(bad.reason, bad.message),
+                self._conditions,
+                now,
+            )
+        for key, entry in [*streams.items(), *alerts.items()]:
+            entry["since"] = iso(self._since.get(key))
+        return {"streams": streams, "alerts": alerts, "problems": self._problems}

@@ -1,0 +1,214 @@
+"""The HTTP receiver: Parseable's ingest API and the apiserver's audit webhook, on one port.
+
+It only translates HTTP into calls on the engine and answers in a way senders act on correctly:
+2xx once a batch is durably kept, 4xx with a JSON reason when retrying cannot help (nothing of
+that body is kept), 503 with Retry-After when it might (the apiserver and Vector retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import time
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+
+from auditwatch.config.model import IngestAuth, StreamSpec
+from auditwatch.decode import BodyTooLarge, DecodeError, UnsupportedEncoding, decode_body
+from auditwatch.metrics import Metrics
+from auditwatch.store import StorageUnavailable
+
+RETRY_AFTER_SECONDS = 5
+"""What a 503 asks senders to wait (the apiserver backs off from 10 s anyway; Vector obeys)."""
+
+DECODED_SIZE_FACTOR = 16
+"""A compressed body may expand to this many times the body limit before it is refused."""
+
+
+class Ingestor(Protocol):
+    """What the receiver needs from the engine."""
+
+    metrics: Metrics
+
+    def stream(self, name: str) -> StreamSpec | None: ...
+
+    async def ingest(self, stream: StreamSpec, events: list[dict[str, Any]]) -> dict[str, int]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def readiness(self) -> tuple[bool, str]: ...
+
+
+class Rejected(Exception):
+    """An answer other than 200, with the reason the sender sees and the metric label."""
+
+    def __init__(
+        self, status: int, reason: str, message: str, headers: dict[str, str] | None = None
+    ):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.headers = headers or {}
+
+
+def json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def check_auth(auth: IngestAuth | None, header: str | None) -> None:
+    """Raise Rejected unless the Authorization header carries the stream's credentials."""
+    if auth is None:
+        return
+    challenge = {"WWW-Authenticate": 'Basic realm="auditwatch"'}
+    if not header:
+        raise Rejected(401, "unauthenticated", "credentials required", challenge)
+    scheme, _, credentials = header.partition(" ")
+    scheme = scheme.lower()
+    if auth.bearer_token is not None and scheme == "bearer":
+        if hmac.compare_digest(credentials.strip().encode(), auth.bearer_token.encode()):
+            return
+    elif auth.username is not None and scheme == "basic":
+        try:
+            user, _, password = (
+                base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+            )
+        except (binascii.Error, UnicodeDecodeError):
+            raise Rejected(
+                401, "unauthenticated", "malformed basic credentials", challenge
+            ) from None
+        user_ok = hmac.compare_digest(user.encode(), auth.username.encode())
+        password_ok = hmac.compare_digest(password.encode(), (auth.password or "").encode())
+        if user_ok and password_ok:
+            return
+    raise Rejected(403, "forbidden", "wrong credentials for this stream")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise Rejected(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_events(body: bytes, encoding: str | None, stream: StreamSpec) -> list[dict[str, Any]]:
+    """Decode a body and enforce the per-event size limit; CPU work, run off the event loop."""
+    try:
+        events = decode_body(
+            body, encoding, max_decoded_bytes=stream.max_body_bytes * DECODED_SIZE_FACTOR
+        )
+    except BodyTooLarge as error:
+        raise Rejected(413, "too_large", str(error)) from None
+    except UnsupportedEncoding as error:
+        raise Rejected(415, "unsupported_encoding", str(error)) from None
+    except DecodeError as error:
+        raise Rejected(400, "malformed", str(error)) from None
+    for index, event in enumerate(events):
+        size = len(orjson.dumps(event))
+        if size > stream.max_event_bytes:
+            raise Rejected(
+                413,
+                "event_too_large",
+                f"event {index} is {size} bytes, over the limit of {stream.max_event_bytes}",
+            )
+    return events
+
+
+class Receiver:
+    """The aiohttp application around an engine."""
+
+    def __init__(self, engine: Ingestor, max_in_flight: int = 32, max_processing: int = 2) -> None:
+        self.engine = engine
+        # Requests being read or processed; past this, senders are told to retry (bounded memory).
+        self.in_flight = asyncio.Semaphore(max_in_flight)
+        # Batches being decoded and stored at once: CPU-bound, so about one per core.
+        self.processing = asyncio.Semaphore(max_processing)
+        self.app = web.Application(client_max_size=1 << 40)  # limits are per stream, below
+        self.app.add_routes(
+            [
+                web.post("/api/v1/ingest", self.ingest_by_header),
+                web.post("/api/v1/logstream/{stream}", self.ingest_by_path),
+                web.get("/api/v1/liveness", self.liveness),
+                web.get("/api/v1/readiness", self.readiness),
+                web.get("/api/v1/status", self.status),
+                web.get("/metrics", self.metrics),
+            ]
+        )
+
+    async def ingest_by_header(self, request: web.Request) -> web.Response:
+        name = request.headers.get("X-P-Stream", "")
+        if not name:
+            return json_response(400, {"error": "missing X-P-Stream header naming the stream"})
+        return await self.ingest(request, name)
+
+    async def ingest_by_path(self, request: web.Request) -> web.Response:
+        return await self.ingest(request, request.match_info["stream"])
+
+    async def ingest(self, request: web.Request, name: str) -> web.Response:
+        started = time.perf_counter()
+        metrics = self.engine.metrics
+        try:
+            stream = self.engine.stream(name)
+            if stream is None:
+                raise Rejected(404, "unknown_stream", f"no AuditStream named {name!r}")
+            check_auth(stream.auth, request.headers.get("Authorization"))
+            if self.in_flight.locked():
+                raise Rejected(
+                    503,
+                    "busy",
+                    "too many batches in progress; retry later",
+                    {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                )
+            async with self.in_flight:
+                body = await read_body(request, stream.max_body_bytes)
+                async with self.processing:
+                    encoding = request.headers.get("Content-Encoding")
+                    events = await asyncio.to_thread(decode_events, body, encoding, stream)
+                    try:
+                        result = await self.engine.ingest(stream, events)
+                    except StorageUnavailable as error:
+                        raise Rejected(
+                            503,
+                            "storage_unavailable",
+                            str(error),
+                            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                        ) from None
+        except Rejected as rejected:
+            metrics.requests_rejected.labels(name, rejected.reason).inc()
+            metrics.request_seconds.labels(str(rejected.status)).observe(
+                time.perf_counter() - started
+            )
+            return json_response(rejected.status, {"error": rejected.message}, rejected.headers)
+        metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
+        return json_response(200, result)
+
+    async def liveness(self, request: web.Request) -> web.Response:
+        return json_response(200, {"status": "alive"})
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        ready, reason = self.engine.readiness()
+        return json_response(200 if ready else 503, {"ready": ready, "reason": reason})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return json_response(200, self.engine.status())
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=self.engine.metrics.exposition(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )

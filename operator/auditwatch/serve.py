@@ -1,0 +1,89 @@
+"""Standalone mode: `auditwatch serve --resources DIR`, no cluster needed.
+
+The resources directory plays the apiserver's part: its AuditStream / AuditAlert / Secret YAML
+is read at start and followed while running, and every change is applied to the engine without
+a restart and without dropping events (the receiver keeps serving throughout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from auditwatch.config.files import ConfigSet, DirectorySource
+from auditwatch.engine import Engine, InvalidAlert
+from auditwatch.receive import Receiver
+
+logger = logging.getLogger(__name__)
+
+
+def apply_config_set(engine: Engine, config: ConfigSet) -> None:
+    """Put what a resources directory defines in force; log what is wrong with it."""
+    invalid = {}
+    for key, error in config.invalid_alerts.items():
+        namespace, _, name = key.partition("/")
+        invalid[key] = InvalidAlert(namespace, name, None, error.reason, error.message)
+    for error in config.errors:
+        logger.error("%s", error)
+    engine.apply(config.streams, config.alerts, invalid, [str(error) for error in config.errors])
+    logger.info(
+        "configuration: %d stream(s), %d alert(s), %d invalid, %d problem(s)",
+        len(config.streams),
+        len(config.alerts),
+        len(invalid),
+        len(config.errors),
+    )
+
+
+async def start_receiver(engine: Engine, host: str, port: int) -> web.AppRunner:
+    """The receiver listening on host:port (port 0: any free port; see runner.addresses)."""
+    runner = web.AppRunner(Receiver(engine).app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
+
+
+async def follow(source: DirectorySource, engine: Engine, stop: asyncio.Event) -> None:
+    """Apply every new configuration the directory yields until `stop`."""
+    async for config in source.watch(stop_event=stop):
+        apply_config_set(engine, config)
+
+
+async def serve(
+    resources: Path,
+    data: Path,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM / SIGINT (or `stop`), then drain deliveries and flush storage."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    source = DirectorySource(resources)
+    engine = Engine(data)
+    apply_config_set(engine, source.reload())
+    runner = await start_receiver(engine, host, port)
+    logger.info("receiving on http://%s:%d, data in %s", host, port, data)
+    tasks = [
+        asyncio.create_task(engine.run(stop), name="engine"),
+        asyncio.create_task(follow(source, engine, stop), name="config"),
+    ]
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await engine.close()
