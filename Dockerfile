@@ -12,9 +12,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator/ operator/
-# The CRDs are the schema `auditwatch lint` and the file loader validate against; outside a
-# checkout they are read from the package data (auditwatch/data).
-COPY crds/auditstreams.yaml crds/auditalerts.yaml operator/auditwatch/data/
+# operator/auditwatch/data/ holds symlinks to the CRDs (the schema lint and the file loader
+# validate against) and to the demo resources; the wheel build copies what they point at.
+COPY crds/ crds/
+COPY examples/standalone/ examples/standalone/
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv --without-pip /opt/auditwatch \
  && python -m pip --python /opt/auditwatch/bin/python install /wheels/*.whl
