@@ -66,6 +66,27 @@ RULE_TEMPLATES = [
 ]
 
 
+STRING = pa.string()
+RAW_SCHEMA = pa.schema(
+    [(name, STRING) for name in ("auditID", "stage", "level", "verb", "requestURI", "userAgent")]
+    + [
+        ("user", pa.struct([("username", STRING), ("uid", STRING), ("groups", pa.list_(STRING))])),
+        ("sourceIPs", pa.list_(STRING)),
+        (
+            "objectRef",
+            pa.struct(
+                [(k, STRING) for k in ("resource", "subresource", "namespace", "name", "apiGroup")]
+            ),
+        ),
+        ("responseStatus", pa.struct([("code", pa.int64())])),
+        ("stageTimestamp", STRING),
+    ]
+)
+"""What pyarrow.json reads of each event for the raw rate. Without an explicit schema it cannot
+read real audit logs at all: `responseObject.status` is a string in one event and an object in
+the next. Everything else in the event is skipped, so this is the rate of parsing the JSON."""
+
+
 def templates() -> list[dict[str, Any]]:
     """Real events to vary: the shared samples when present, else the bundled example log."""
     files = sorted(SAMPLES.glob("*.log")) if SAMPLES.is_dir() else []
@@ -143,7 +164,13 @@ def main() -> None:
     print(f"{args.events:,} events, {mib:.1f} MiB NDJSON, batches of {args.batch:,}, one core")
 
     read_options = pajson.ReadOptions(use_threads=False, block_size=1 << 24)
-    raw = best_of(args.runs, lambda: [pajson.read_json(io.BytesIO(c), read_options) for c in chunks])
+    parse_options = pajson.ParseOptions(
+        explicit_schema=RAW_SCHEMA, unexpected_field_behavior="ignore"
+    )
+    raw = best_of(
+        args.runs,
+        lambda: [pajson.read_json(io.BytesIO(c), read_options, parse_options) for c in chunks],
+    )
     print(f"pyarrow.json.read_json      {rate(args.events, raw)}")
 
     now = datetime.now(UTC)
@@ -154,8 +181,9 @@ def main() -> None:
         batches.extend(normalise(decode_body(c), received_at=now) for c in chunks)
 
     decoded = best_of(args.runs, decode_all)
-    print(f"decode_body + normalise     {rate(args.events, decoded)}  "
-          f"= {raw / decoded:.2f} x pyarrow")
+    print(
+        f"decode_body + normalise     {rate(args.events, decoded)}  = {raw / decoded:.2f} x pyarrow"
+    )
 
     for count in (1, 10, 100):
         compiled = [compile_rule(parse_expression(text)) for text in rules(count)]

@@ -1,10 +1,12 @@
 """Field names in rules and message templates, and what they point at in an audit event.
 
-Two spellings reach the same value: dotted paths (`objectRef.resource`, `requestObject.spec.hostNetwork`)
-and Parseable's flattened names (`objectRef_resource`). A flattened name is matched against the
-typed columns of `schema.py` first (so `user_username` is the `user.username` column); anything
-else is split on `_` and walked in the event. Arrays are walked element by element: a path through
-a list yields the values of every element (`requestObject.spec.containers.image` yields each image).
+Two spellings reach the same value: dotted paths (`objectRef.resource`,
+`requestObject.spec.hostNetwork`) and Parseable's flattened names (`objectRef_resource`). A
+flattened name is matched against the typed columns of `schema.py` first (so `user_username` is
+the `user.username` column); anything else is split on `_` and walked in the event. Arrays are
+walked element by element: a path through a list yields the values of every element
+(`requestObject.spec.containers.image` yields each image), and a `*` segment yields every value
+of an object (`requestObject.data.*`: each value of a ConfigMap).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from auditwatch.rules.ast import ANY_KEY
 from auditwatch.schema import TYPED_BY_COLUMN, TYPED_BY_PATH, TypedField
 
 
@@ -45,7 +48,12 @@ def walk(value: Any, path: Sequence[str]) -> Iterator[Any]:
         if value is not None:
             yield value
         return
-    if isinstance(value, dict) and path[0] in value:
+    if not isinstance(value, dict):
+        return
+    if path[0] == ANY_KEY:
+        for child in value.values():
+            yield from walk(child, path[1:])
+    elif path[0] in value:
         yield from walk(value[path[0]], path[1:])
 
 

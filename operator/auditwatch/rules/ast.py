@@ -46,6 +46,11 @@ SET_OPS = frozenset({Op.IN, Op.NOT_IN})
 """Operators whose value is a tuple of scalars."""
 
 
+ANY_KEY = "*"
+"""A field segment that stands for every value of an object (`requestObject.data.*`), as a list
+is walked element by element. (A key literally named `*` cannot be addressed.)"""
+
+
 @dataclass(frozen=True)
 class Field:
     """A reference to a value in an audit event.
@@ -53,7 +58,7 @@ class Field:
     `segments` are the keys as written: `objectRef.resource` is ("objectRef", "resource");
     Parseable's flattened `objectRef_resource` is the single segment ("objectRef_resource",),
     which the evaluator resolves against the event schema. Keeping the spelling lets the printer
-    give back what the user wrote.
+    give back what the user wrote. A segment `ANY_KEY` matches every key of an object.
     """
 
     segments: tuple[str, ...]
@@ -87,7 +92,7 @@ class Exists:
 
 @dataclass(frozen=True)
 class Not:
-    """Logical negation: `!( ... )` or `not ...`. `Not` of a comparison on a missing field is true."""
+    """Logical negation: `!( ... )` or `not ...`; true for a comparison on a missing field."""
 
     operand: Expr
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from auditwatch import paths
 from auditwatch.normalise import EventBatch
 from auditwatch.rules import reference
-from auditwatch.rules.ast import ORDER_OPS, And, Compare, Exists, Expr, Not, Op, Or
+from auditwatch.rules.ast import ANY_KEY, ORDER_OPS, And, Compare, Exists, Expr, Not, Op, Or
 from auditwatch.schema import EVENT_JSON, TypedField
 
 VECTORISED, PARTLY_PER_ROW, PER_ROW = 0, 1, 2
@@ -131,7 +131,7 @@ def _compile_leaf(leaf: Compare | Exists) -> _Node:
     def event_test(event: dict[str, Any]) -> bool:
         return any(test(value) for value in reference.field_values(field, event))
 
-    if len(path) == 2 and path[0] == ANNOTATIONS:
+    if len(path) == 2 and path[0] == ANNOTATIONS and path[1] != ANY_KEY:
         kernel = _exists_kernel if isinstance(leaf, Exists) else _text_kernel(leaf)
         if kernel is not None:
             return _AnnotationLeaf(path[1], kernel, event_test)

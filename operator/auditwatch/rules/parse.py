@@ -39,7 +39,7 @@ _LEFT = r"(?:(?<=[ \t\r\n()])|^)"
 _RIGHT = r"(?=[ \t\r\n()]|\Z)"
 _ESCAPES = {'"': '"', "\\": "\\", "/": "/", "n": "\n", "r": "\r", "t": "\t", "b": "\b", "f": "\f"}
 _UNICODE_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
-_FIELD_SEGMENT = re.compile(r"\.?([\w-]+)|\[(" + _STRING + r")\]", re.DOTALL)
+_FIELD_SEGMENT = re.compile(r"\.?([\w-]+|\*)|\[(" + _STRING + r")\]", re.DOTALL)
 _OPERATOR_CHARS = "=!<>%~"
 
 
@@ -209,7 +209,7 @@ def _build_grammar() -> pp.ParserElement:
     value = (string | number | boolean).set_name("a string, a number, true or false")
 
     field = pp.Regex(
-        r"(?:[\w-]+|\[" + _STRING + r"\])(?:\.[\w-]+|\[" + _STRING + r"\])*", re.DOTALL
+        r"(?:[\w-]+|\[" + _STRING + r"\])(?:\.[\w-]+|\.\*|\[" + _STRING + r"\])*", re.DOTALL
     ).set_name("a field name")
     field.set_parse_action(_field_action)
 

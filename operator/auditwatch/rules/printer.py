@@ -51,7 +51,8 @@ def _field(field: ast.Field) -> str:
     first, *rest = field.segments
     parts = [first if _is_ident(first) and first not in KEYWORDS else f"[{_string(first)}]"]
     parts.extend(
-        f".{segment}" if _is_ident(segment) else f"[{_string(segment)}]" for segment in rest
+        f".{segment}" if _is_ident(segment) or segment == ast.ANY_KEY else f"[{_string(segment)}]"
+        for segment in rest
     )
     return "".join(parts)
 
