@@ -253,12 +253,6 @@ async def test_replay_then_status(server: Running) -> None:
     assert streams.stdout.splitlines()[1].split()[:3] == ["auditdemo", "True", "10"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the receiver's aiohttp server decompresses the gzip body itself, then the "
-    "receiver gunzips plain JSON (400), so `replay --gzip` (and Vector with gzip) never gets "
-    "through; fix: web.Application(handler_args={'auto_decompress': False}) in Receiver",
-)
 async def test_replay_gzip_is_accepted(server: Running) -> None:
     result = await invoke(
         "replay",
@@ -325,13 +319,6 @@ async def post_events(server: Running, events: list[dict[str, Any]]) -> int:
     return answer.status
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`auditwatch serve` on a port in use dies with an OSError traceback (and serve() "
-    "leaves its Engine/Store unclosed); fix: in cli.serve catch OSError and "
-    "fail(f'cannot listen on {host}:{port}: {error.strerror}'), and in serve.serve close the "
-    "engine when start_receiver raises",
-)
 def test_serve_on_a_port_in_use_exits_1_with_a_message(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -249,14 +249,6 @@ async def test_repeat_and_resolve_are_driven_by_run(
     await engine.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine.apply drops the saved state of a deleted alert only if it was live in this "
-    "process; an alert deleted while auditwatch was down keeps its snapshot in .state/alerts.json "
-    "forever and a later alert of the same name resumes the old firing. Fix: in Engine.apply "
-    "also pop every key of self._saved that is not in `live` (e.g. `for key in set(self._saved) "
-    "- set(live): self._saved.pop(key)`, setting _dirty)",
-)
 async def test_alert_deleted_while_stopped_starts_afresh_when_created_again(
     tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
 ) -> None:
@@ -289,13 +281,6 @@ class Clock:
         return self.now
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Conditions.ready records a transition the first time status() is called, so an "
-    "alert applied at 10:00 and first looked at 11:00 reports lastTransitionTime 11:00; fix: "
-    "record every stream's and alert's Ready status in Engine.apply (call "
-    "self._conditions.ready(...) there with the apply time)",
-)
 async def test_ready_transition_time_is_when_the_config_was_applied(tmp_path: Path) -> None:
     clock = Clock()
     engine = Engine(tmp_path / "data", clock=clock)
@@ -309,14 +294,6 @@ async def test_ready_transition_time_is_when_the_config_was_applied(tmp_path: Pa
     assert status["streams"]["audit"]["conditions"][0]["lastTransitionTime"] == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Engine keys stream conditions `stream/<name>` and alert conditions "
-    "`<namespace>/<name>` in one Conditions: an AuditAlert named like a stream in namespace "
-    "`stream` shares its Ready condition, and each status() flips the other's "
-    "lastTransitionTime; fix: key streams and alerts apart (e.g. 'AuditStream/<name>' vs "
-    "'AuditAlert/<ns>/<name>', or two Conditions objects)",
-)
 async def test_a_stream_condition_is_not_shared_with_an_alert(tmp_path: Path) -> None:
     clock = Clock()
     engine = Engine(tmp_path / "data", clock=clock)

@@ -36,12 +36,6 @@ from tests.e2e_support import (
 from auditwatch.store import StorageUnavailable, Store
 
 LIST_RULE = 'verb = "list"'
-AUTO_DECOMPRESS_BUG = (
-    "aiohttp's server decompresses gzip/zstd bodies itself (auto_decompress=True), so the "
-    "receiver gunzips plain JSON again (400), zstd needs backports.zstd (400 text/plain) and a "
-    "bad gzip body crashes the handler (500); fix: Receiver's web.Application(handler_args="
-    "{'auto_decompress': False})"
-)
 
 
 @pytest.fixture
@@ -164,10 +158,8 @@ SHAPES = [
     "Vector envelopes",
     "AKS records",
     "AKS EventHubs record",
-    pytest.param("gzip NDJSON", marks=pytest.mark.xfail(strict=True, reason=AUTO_DECOMPRESS_BUG)),
-    pytest.param(
-        "zstd EventList", marks=pytest.mark.xfail(strict=True, reason=AUTO_DECOMPRESS_BUG)
-    ),
+    "gzip NDJSON",
+    "zstd EventList",
 ]
 
 
@@ -337,7 +329,6 @@ BAD_REQUESTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
             415,
             "br",
             id="brotli encoding",
-            marks=pytest.mark.xfail(strict=True, reason=AUTO_DECOMPRESS_BUG),
         ),
     ],
 )
@@ -379,7 +370,6 @@ async def test_missing_stream_header_is_a_400(
     assert "X-P-Stream" in answer.body["error"]
 
 
-@pytest.mark.xfail(strict=True, reason=AUTO_DECOMPRESS_BUG)
 async def test_gzip_header_on_a_plain_body_is_a_400(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
@@ -456,12 +446,6 @@ async def test_credentials_are_checked_for_basic_and_bearer_streams(
     assert canonical(stored(server.data, "bearer")) == canonical(events)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="receive.check_auth always challenges with `Basic realm=...`, also for a stream "
-    'that takes a bearer token; fix: challenge with `Bearer realm="auditwatch"` when '
-    "auth.bearer_token is set",
-)
 async def test_bearer_stream_challenges_for_a_bearer_token(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
@@ -535,13 +519,6 @@ async def rejection_reasons(session: aiohttp.ClientSession, server: Running) -> 
     return reasons
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Receiver.ingest labels auditwatch_requests_rejected with the stream name taken "
-    "from the request, also for unknown streams: anyone can create unbounded metric series "
-    "(memory, scrape size) by posting to random names; fix: use a fixed label (e.g. "
-    'stream="") when self.engine.stream(name) is None',
-)
 async def test_unknown_stream_names_do_not_become_metric_labels(
     server: Running, session: aiohttp.ClientSession
 ) -> None:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from tests.e2e_support import WebhookSink, read_lines, synthetic_events
 
+from auditwatch.credentials import bearer_authorization
 from auditwatch.replay import ReplayError, replay
 
 
@@ -46,7 +47,12 @@ async def test_event_lists_of_400_without_kind_on_items(receiver: WebhookSink) -
 async def test_real_sample_gzip_and_bearer_token(receiver: WebhookSink, samples: Path) -> None:
     events = read_lines(samples / "impersonation-and-403s.log")
     result = await replay(
-        events, base_url(receiver), stream="audit", compress=True, token="tok", batch_size=10
+        events,
+        base_url(receiver),
+        stream="audit",
+        compress=True,
+        authorization=bearer_authorization("tok"),
+        batch_size=10,
     )
     assert result.batches == 4
     for delivery in receiver.received:

@@ -113,6 +113,8 @@ def serve(resources: Path, data: Path, host: str, port: int, log_level: str) -> 
         asyncio.run(run_serve(resources, data, host=host, port=port))
     except StoreLocked as error:
         fail(str(error))
+    except OSError as error:  # the port is taken, the data directory cannot be created, ...
+        fail(f"cannot serve on {host}:{port} with data in {data}: {error}")
 
 
 @main.command()
@@ -182,9 +184,9 @@ def replay(
     token: str | None,
 ) -> None:
     """Send audit log FILES the way the apiserver's webhook backend does (EventList batches)."""
-    import aiohttp
     from tqdm import tqdm
 
+    from auditwatch.credentials import basic_authorization, bearer_authorization
     from auditwatch.decode import DecodeError, decode_file
     from auditwatch.replay import ReplayError
     from auditwatch.replay import replay as run_replay
@@ -195,10 +197,12 @@ def replay(
             events.extend(decode_file(file))
         except (DecodeError, OSError) as error:
             fail(f"{file}: {error}")
-    auth = None
+    authorization = None
     if user is not None:
         name, _, password = user.partition(":")
-        auth = aiohttp.BasicAuth(name, password)
+        authorization = basic_authorization(name, password)
+    elif token is not None:
+        authorization = bearer_authorization(token)
     with tqdm(total=len(events), unit="event", file=sys.stderr) as bar:
         try:
             result = asyncio.run(
@@ -208,8 +212,7 @@ def replay(
                     stream=stream,
                     batch_size=batch_size,
                     compress=compress,
-                    auth=auth,
-                    token=token,
+                    authorization=authorization,
                     on_batch=bar.update,
                 )
             )

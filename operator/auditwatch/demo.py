@@ -21,10 +21,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import yaml
 from aiohttp import web
 
+from auditwatch.credentials import basic_authorization
 from auditwatch.decode import decode_file
 from auditwatch.normalise import normalise
 from auditwatch.replay import replay
@@ -168,7 +168,9 @@ async def run_demo(port: int = 0, echo: Callable[[str], None] = print) -> int:
         try:
             await asyncio.wait_for(ready.wait(), 10)
             echo(f"Server on {url}; replaying the story as the apiserver's webhook would ...")
-            await replay(events, url, stream="auditdemo", auth=aiohttp.BasicAuth("admin", "admin"))
+            await replay(
+                events, url, stream="auditdemo", authorization=basic_authorization("admin", "admin")
+            )
             fired = await sink.wait_for("firing", WAIT_SECONDS)
             status_firing = await fetch_status(url)
             echo(alerts_table(status_firing, datetime.now(UTC)) + "\n")

@@ -13,7 +13,6 @@ kept nor counted twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from auditwatch.metrics import Metrics
 from auditwatch.normalise import normalise
 from auditwatch.notify import Notifier
 from auditwatch.rules.evaluate import CompiledRule, compile_rule
-from auditwatch.status import Conditions, alert_status, iso, stream_status
+from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
 from auditwatch.store import Store
 
 logger = logging.getLogger(__name__)
@@ -113,6 +112,9 @@ class Engine:
         An alert on a stream that is not defined becomes Invalid (StreamNotFound). Alerts not in
         `alerts` any more stop matching at once and their saved state is dropped. `problems` are
         configuration errors to show in the status (a file that does not parse, say).
+
+        The first call must carry the complete configuration: saved state of alerts absent from
+        it (deleted while auditwatch was down) is dropped then.
         """
         invalid = dict(invalid or {})
         live: dict[str, _LiveAlert] = {}
@@ -132,6 +134,10 @@ class Engine:
             self.notifier.forget(key)
             self._saved.pop(key, None)
             self._dirty = True
+        if not self.config_loaded:
+            for key in set(self._saved) - set(live) - set(invalid):
+                del self._saved[key]
+                self._dirty = True
         by_stream: dict[str, list[_LiveAlert]] = {}
         for alert in live.values():
             by_stream.setdefault(alert.spec.stream, []).append(alert)
@@ -143,6 +149,12 @@ class Engine:
         now = self.clock()
         for key in [*streams, *live, *invalid]:
             self._since.setdefault(key, now)
+        readiness = {STREAM_KEY.format(name): True for name in streams}
+        readiness |= {ALERT_KEY.format(key): True for key in live}
+        readiness |= {ALERT_KEY.format(key): False for key in invalid}
+        self._conditions.forget(set(readiness))
+        for key, ok in readiness.items():  # Ready's lastTransitionTime is when this applied
+            self._conditions.note(key, ok, now)
         self.config_loaded = True
         self._wake()
 
@@ -215,18 +227,27 @@ class Engine:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Repeats, resolves, Parquet flushes, retention and state saves, until `stop` is set."""
-        self._wakeup = asyncio.Event()
-        while not stop.is_set():
-            now = self.clock()
-            for alert in list(self._alerts.values()):
-                notices = alert.tracker.tick(now)
-                if notices:
-                    self._dirty = True
-                    self._deliver(alert.spec, notices)
-            await self._housekeeping(now)
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._sleep_seconds(now))
+        self._wakeup = wakeup = asyncio.Event()
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                wakeup.clear()  # before the work: a wake-up arriving during it is kept
+                now = self.clock()
+                for alert in list(self._alerts.values()):
+                    notices = alert.tracker.tick(now)
+                    if notices:
+                        self._dirty = True
+                        self._deliver(alert.spec, notices)
+                await self._housekeeping(now)
+                waking = asyncio.ensure_future(wakeup.wait())
+                await asyncio.wait(
+                    {waking, stopping},
+                    timeout=self._sleep_seconds(now),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waking.cancel()
+        finally:
+            stopping.cancel()
 
     async def _housekeeping(self, now: datetime) -> None:
         try:
@@ -277,7 +298,10 @@ class Engine:
     async def close(self, timeout: float = 10.0) -> None:
         """Finish deliveries in flight (up to `timeout`), save state, flush storage."""
         if self._deliveries:
-            await asyncio.wait(set(self._deliveries), timeout=timeout)
+            _, late = await asyncio.wait(set(self._deliveries), timeout=timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         self._save_state()
         await asyncio.to_thread(self.store.close)
         await self.notifier.close()

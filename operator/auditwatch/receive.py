@@ -8,8 +8,6 @@ that body is kept), 503 with Retry-After when it might (the apiserver and Vector
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import time
 from typing import Any, Protocol
@@ -18,15 +16,13 @@ import orjson
 from aiohttp import web
 
 from auditwatch.config.model import IngestAuth, StreamSpec
+from auditwatch.credentials import parse_basic
 from auditwatch.decode import BodyTooLarge, DecodeError, UnsupportedEncoding, decode_body
 from auditwatch.metrics import Metrics
 from auditwatch.store import StorageUnavailable
 
 RETRY_AFTER_SECONDS = 5
 """What a 503 asks senders to wait (the apiserver backs off from 10 s anyway; Vector obeys)."""
-
-DECODED_SIZE_FACTOR = 16
-"""A compressed body may expand to this many times the body limit before it is refused."""
 
 
 class Ingestor(Protocol):
@@ -68,7 +64,8 @@ def check_auth(auth: IngestAuth | None, header: str | None) -> None:
     """Raise Rejected unless the Authorization header carries the stream's credentials."""
     if auth is None:
         return
-    challenge = {"WWW-Authenticate": 'Basic realm="auditwatch"'}
+    scheme_name = "Bearer" if auth.bearer_token is not None else "Basic"
+    challenge = {"WWW-Authenticate": f'{scheme_name} realm="auditwatch"'}
     if not header:
         raise Rejected(401, "unauthenticated", "credentials required", challenge)
     scheme, _, credentials = header.partition(" ")
@@ -77,14 +74,10 @@ def check_auth(auth: IngestAuth | None, header: str | None) -> None:
         if hmac.compare_digest(credentials.strip().encode(), auth.bearer_token.encode()):
             return
     elif auth.username is not None and scheme == "basic":
-        try:
-            user, _, password = (
-                base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-            )
-        except (binascii.Error, UnicodeDecodeError):
-            raise Rejected(
-                401, "unauthenticated", "malformed basic credentials", challenge
-            ) from None
+        parsed = parse_basic(credentials)
+        if parsed is None:
+            raise Rejected(401, "unauthenticated", "malformed basic credentials", challenge)
+        user, password = parsed
         user_ok = hmac.compare_digest(user.encode(), auth.username.encode())
         password_ok = hmac.compare_digest(password.encode(), (auth.password or "").encode())
         if user_ok and password_ok:
@@ -107,11 +100,12 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 def decode_events(body: bytes, encoding: str | None, stream: StreamSpec) -> list[dict[str, Any]]:
-    """Decode a body and enforce the per-event size limit; CPU work, run off the event loop."""
+    """Decode a body and enforce the size limits; CPU work, run off the event loop.
+
+    The body limit holds after decompression too, so a small gzip bomb is refused as well.
+    """
     try:
-        events = decode_body(
-            body, encoding, max_decoded_bytes=stream.max_body_bytes * DECODED_SIZE_FACTOR
-        )
+        events = decode_body(body, encoding, max_decoded_bytes=stream.max_body_bytes)
     except BodyTooLarge as error:
         raise Rejected(413, "too_large", str(error)) from None
     except UnsupportedEncoding as error:
@@ -138,7 +132,9 @@ class Receiver:
         self.in_flight = asyncio.Semaphore(max_in_flight)
         # Batches being decoded and stored at once: CPU-bound, so about one per core.
         self.processing = asyncio.Semaphore(max_processing)
-        self.app = web.Application(client_max_size=1 << 40)  # limits are per stream, below
+        # Limits are per stream (read_body), and decompression is decode_body's: aiohttp's own
+        # would undo gzip before the handler sees it, and without the stream's size limit.
+        self.app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
         self.app.add_routes(
             [
                 web.post("/api/v1/ingest", self.ingest_by_header),
@@ -151,10 +147,7 @@ class Receiver:
         )
 
     async def ingest_by_header(self, request: web.Request) -> web.Response:
-        name = request.headers.get("X-P-Stream", "")
-        if not name:
-            return json_response(400, {"error": "missing X-P-Stream header naming the stream"})
-        return await self.ingest(request, name)
+        return await self.ingest(request, request.headers.get("X-P-Stream", ""))
 
     async def ingest_by_path(self, request: web.Request) -> web.Response:
         return await self.ingest(request, request.match_info["stream"])
@@ -162,10 +155,14 @@ class Receiver:
     async def ingest(self, request: web.Request, name: str) -> web.Response:
         started = time.perf_counter()
         metrics = self.engine.metrics
+        label = ""  # a stream name for metrics only once it names a stream: no unbounded series
         try:
+            if not name:
+                raise Rejected(400, "no_stream", "missing X-P-Stream header naming the stream")
             stream = self.engine.stream(name)
             if stream is None:
                 raise Rejected(404, "unknown_stream", f"no AuditStream named {name!r}")
+            label = name
             check_auth(stream.auth, request.headers.get("Authorization"))
             if self.in_flight.locked():
                 raise Rejected(
@@ -189,7 +186,7 @@ class Receiver:
                             {"Retry-After": str(RETRY_AFTER_SECONDS)},
                         ) from None
         except Rejected as rejected:
-            metrics.requests_rejected.labels(name, rejected.reason).inc()
+            metrics.requests_rejected.labels(label, rejected.reason).inc()
             metrics.request_seconds.labels(str(rejected.status)).observe(
                 time.perf_counter() - started
             )

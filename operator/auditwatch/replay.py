@@ -56,22 +56,24 @@ async def replay(
     stream: str,
     batch_size: int = APISERVER_BATCH_SIZE,
     compress: bool = False,
-    auth: aiohttp.BasicAuth | None = None,
-    token: str | None = None,
+    authorization: str | None = None,
     attempts: int = 5,
     backoff: float = 1.0,
     on_batch: Callable[[int], None] | None = None,
 ) -> ReplayResult:
-    """POST `events` to `url` (a receiver base URL) into `stream`; returns what was sent."""
+    """POST `events` to `url` (a receiver base URL) into `stream`; returns what was sent.
+
+    `authorization` is the Authorization header value (see `auditwatch.credentials`).
+    """
     headers = {"Content-Type": "application/json", "X-P-Stream": stream}
     if compress:
         headers["Content-Encoding"] = "gzip"
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    if authorization:
+        headers["Authorization"] = authorization
     endpoint = url.rstrip("/") + "/api/v1/ingest"
     result = ReplayResult(events=0, batches=0, retries=0)
     timeout = aiohttp.ClientTimeout(total=30)  # the apiserver's per-request timeout
-    async with aiohttp.ClientSession(timeout=timeout, auth=auth) as session:
+    async with aiohttp.ClientSession(timeout=timeout) as session:
         for items in event_lists(events, batch_size):
             body = encode_event_list(items, compress)
             for attempt in range(1, attempts + 1):

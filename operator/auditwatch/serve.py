@@ -71,8 +71,12 @@ async def serve(
             loop.add_signal_handler(signum, stop.set)
     source = DirectorySource(resources)
     engine = Engine(data)
-    apply_config_set(engine, source.reload())
-    runner = await start_receiver(engine, host, port)
+    try:
+        apply_config_set(engine, source.reload())
+        runner = await start_receiver(engine, host, port)
+    except BaseException:
+        await engine.close()
+        raise
     logger.info("receiving on http://%s:%d, data in %s", host, port, data)
     tasks = [
         asyncio.create_task(engine.run(stop), name="engine"),
@@ -87,3 +91,6 @@ async def serve(
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await engine.close()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(signum)

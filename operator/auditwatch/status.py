@@ -27,27 +27,40 @@ def iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+STREAM_KEY = "AuditStream/{}"
+ALERT_KEY = "AuditAlert/{}"
+"""Keys of `Conditions`, by kind, so a stream and an alert never share one."""
+
+
 @dataclass
 class Conditions:
     """Remembers when each resource's Ready condition last changed status."""
 
-    _since: dict[str, tuple[str, datetime]] = field(default_factory=dict)
+    _since: dict[str, tuple[bool, datetime]] = field(default_factory=dict)
+
+    def note(self, key: str, ok: bool, now: datetime) -> datetime:
+        """Record the current readiness; returns when it last changed."""
+        previous = self._since.get(key)
+        if previous is None or previous[0] != ok:
+            self._since[key] = (ok, now)
+        return self._since[key][1]
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop what is known of resources not in `keep` (deleted ones)."""
+        self._since = {key: value for key, value in self._since.items() if key in keep}
 
     def ready(
         self, key: str, ok: bool, reason: str, message: str, generation: int, now: datetime
     ) -> list[dict[str, Any]]:
-        status = "True" if ok else "False"
-        previous = self._since.get(key)
-        if previous is None or previous[0] != status:
-            self._since[key] = (status, now)
+        """The `conditions` list of a status: one `Ready` condition."""
         return [
             {
                 "type": "Ready",
-                "status": status,
+                "status": "True" if ok else "False",
                 "reason": reason,
                 "message": message,
                 "observedGeneration": generation,
-                "lastTransitionTime": iso(self._since[key][1]),
+                "lastTransitionTime": iso(self.note(key, ok, now)),
             }
         ]
 
@@ -62,7 +75,7 @@ def stream_status(
         "lastEventTime": iso(stats.last_received),
         "ingestPath": f"/api/v1/logstream/{spec.name}",
         "conditions": conditions.ready(
-            f"stream/{spec.name}",
+            STREAM_KEY.format(spec.name),
             True,
             "Receiving",
             f"POST events to /api/v1/logstream/{spec.name} or /api/v1/ingest "
@@ -85,7 +98,7 @@ def alert_status(
     now: datetime,
 ) -> dict[str, Any]:
     """An AuditAlert's status, from its tracker and delivery records, or from its problem."""
-    key = f"{namespace}/{name}"
+    key = ALERT_KEY.format(f"{namespace}/{name}")
     status: dict[str, Any] = {"namespace": namespace, "name": name, "stream": stream}
     if problem is not None:
         status.update(state="Invalid", matches=0)

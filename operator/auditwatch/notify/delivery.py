@@ -10,7 +10,6 @@ a resolve never overtakes the firing it ends.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -23,6 +22,7 @@ import aiohttp
 
 from auditwatch.alerts import Notice
 from auditwatch.config.model import AlertSpec, TargetSpec
+from auditwatch.credentials import basic_authorization
 from auditwatch.notify.payloads import (
     alertmanager_body,
     alertmanager_url,
@@ -100,11 +100,6 @@ def _retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max((moment - datetime.now(UTC)).total_seconds(), 0.0)
-
-
-def _basic_auth(username: str, password: str) -> str:
-    credentials = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-    return f"Basic {credentials}"
 
 
 def _utcnow() -> datetime:
@@ -238,7 +233,9 @@ class Notifier:
             url = alertmanager_url(target.endpoint)
             headers.update(target.headers)
             if target.username is not None:
-                headers["Authorization"] = _basic_auth(target.username, target.password or "")
+                headers["Authorization"] = basic_authorization(
+                    target.username, target.password or ""
+                )
         try:
             async with self._client().post(
                 url,
