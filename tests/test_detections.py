@@ -101,6 +101,13 @@ HAND_WRITTEN = {
     "configmap-plain-settings": "8e3e3b39-242e-47a7-8c61-c7759780fb96",
     "configmap-root-ca-published": "93f1eab1-6a8b-4d29-a976-3da473677733",
     "configmap-deleted": "645c0db7-6a70-4872-b541-b805e3a40ddb",
+    "configmap-aws-key-id-inside-json-patched": "0c7d2b9e-3f4a-4e61-9b2d-6a1f8e5c4d30",
+    "configmap-private-key-updated": "5e1a7c42-9d8b-4f03-a6e5-2b7c9d1e0f84",
+    "configmap-password-inside-env-file-patched": "a3f08d61-27c4-4b9e-8e15-7d6c5b4a3921",
+    "configmap-passphrase-key-patched": "e8b4c2d0-6a15-4f7e-b3c9-0d2e1f4a5b67",
+    "configmap-password-policy-applied": "71d9e3a5-0b2c-4d8f-9a6e-3c5b7d1f2e08",
+    "configmap-private-key-dry-run": "2b6f4e8a-c1d3-4a57-8f90-e4d2c6b8a135",
+    "configmap-public-key-and-key-id-docs": "9f3c5a17-e2b8-4d6c-a4f1-8b0e7d3c5a29",
     "namespace-created": "23e201bd-d6a2-4743-9b90-b9bcf324cf49",
     "namespace-deleted": "3c0b91c9-5ea8-433f-9b19-764fa0999404",
     "serviceaccount-default-created-by-controller": "ecd9ee01-7468-444b-91db-2b53876cada1",
@@ -499,8 +506,22 @@ def test_configmap_credentials() -> None:
             "configmap-aws-keys",
             "configmap-password-key-updated",
             "configmap-password-inside-file-applied",
+            # Found in the values by `requestObject.data.*`, whatever the key is called:
+            "configmap-aws-key-id-inside-json-patched",
+            "configmap-private-key-updated",
+            "configmap-password-inside-env-file-patched",  # no last-applied annotation
+            "configmap-passphrase-key-patched",
         ],
-        silent=["configmap-plain-settings", "configmap-root-ca-published", "configmap-deleted"],
+        silent=[
+            "configmap-plain-settings",
+            "configmap-root-ca-published",  # a certificate is not a private key
+            "configmap-deleted",
+            # "password" in the name, labels, a key and values, but no password set:
+            "configmap-password-policy-applied",
+            "configmap-private-key-dry-run",
+            "configmap-public-key-and-key-id-docs",  # a public key; "AKIA" without a key id
+            "secret-created-by-developer",  # the same data belongs in a Secret
+        ],
     )
 
 

@@ -327,6 +327,106 @@ def test_annotations_that_are_not_text_are_answered_from_the_event() -> None:
     assert both(Exists(Field(("annotations",))), events) == [True, True, False, True, True]
 
 
+def configmap(data: Any) -> dict[str, Any]:
+    return {"objectRef": {"resource": "configmaps"}, "requestObject": {"data": data}}
+
+
+def test_a_star_segment_matches_any_value_of_an_object() -> None:
+    events = [
+        configmap({"aws_access_key_id": "AKIAIOSFODNN7EXAMPLE", "bucket": "exports"}),
+        configmap({"config.json": '{"id": "AKIAI44QH8DHBEXAMPLE"}'}),
+        configmap({"LOG_LEVEL": "info"}),
+        configmap({}),
+        configmap({"a": None}),
+        configmap("AKIAIOSFODNN7EXAMPLE"),  # not an object: `*` has nothing to walk
+        configmap([{"k": "AKIAIOSFODNN7EXAMPLE"}, {"k": "x"}]),  # a list: each element's values
+        configmap({"nested": {"k": "AKIAIOSFODNN7EXAMPLE"}}),  # `*` is one level, not any depth
+        {"requestObject": {"data": {"*": "AKIAIOSFODNN7EXAMPLE"}}},  # a key named `*` is a key
+        {},
+    ]
+    any_value = field("requestObject.data.*")
+    assert both(cmp(any_value, Op.REGEX, "AKIA[0-9A-Z]{16}"), events) == [
+        True, True, False, False, False, False, True, False, True, False,
+    ]  # fmt: skip
+    assert both(Exists(any_value), events) == [
+        True, True, True, False, False, False, True, True, True, False,
+    ]  # fmt: skip
+    # Any value, as for lists: `!=` holds when some value differs; `not` when none matches.
+    assert both(cmp(any_value, Op.NE, "info"), events) == [
+        True, True, False, False, False, False, True, False, True, False,
+    ]  # fmt: skip
+    assert both(Not(cmp(any_value, Op.EQ, "info")), events) == [
+        True, True, False, True, True, True, True, True, True, True,
+    ]  # fmt: skip
+    assert both(cmp("requestObject.data.*.k", Op.EQ, "AKIAIOSFODNN7EXAMPLE"), events) == [
+        False, False, False, False, False, False, False, True, False, False,
+    ]  # fmt: skip
+    assert both(cmp("requestObject.data.*.*", Op.EQ, "AKIAIOSFODNN7EXAMPLE"), events) == [
+        False, False, False, False, False, False, False, True, False, False,
+    ]  # fmt: skip
+
+
+def test_a_star_segment_takes_list_values_element_by_element() -> None:
+    events: list[dict[str, Any]] = [
+        {"requestObject": {"spec": {"a": {"ports": [80, 443]}, "b": {"ports": [8080]}}}},
+        {"requestObject": {"spec": {"a": {"ports": []}}}},
+        {"requestObject": {"spec": [{"a": {"ports": [22]}}, {"b": {"ports": [23]}}]}},
+    ]
+    assert both(cmp("requestObject.spec.*.ports", Op.EQ, 8080), events) == [True, False, False]
+    assert both(cmp("requestObject.spec.*.ports", Op.LT, 1024), events) == [True, False, True]
+    assert both(Exists(field("requestObject.spec.*.ports")), events) == [True, False, True]
+
+
+def test_a_star_segment_on_the_real_samples(read_log: LogReader) -> None:
+    events = read_log("secret-recon-then-exec.log")
+    # The annotations hold the authorizer's decision and reason (and once two latencies).
+    any_annotation = field("annotations.*")
+    decision = count(cmp(ANNOTATION_DECISION, Op.EQ, "forbid"), events)
+    assert count(cmp(any_annotation, Op.EQ, "forbid"), events) == decision == 2
+    assert count(cmp(any_annotation, Op.STARTS_WITH, "RBAC: allowed by RoleBinding"), events) == 12
+    assert count(cmp(any_annotation, Op.ENDS_WITH, "ms"), events) == 1
+    assert count(Exists(any_annotation), events) == count(Exists(ANNOTATION_DECISION), events)
+    assert count(Exists(any_annotation), events) == len(events) - 1  # RequestReceived: none
+    sekoia = read_log("sekoia-mixed.log")
+    assert count(cmp("requestObject.metadata.labels.*", Op.EQ, "priv-shell"), sekoia) == 1
+    assert count(cmp("requestObject.metadata.annotations.*", Op.CONTAINS, "hostPath"), sekoia) == 1
+    privileged = read_log("privileged-pod.log")
+    any_security_setting = field("requestObject.spec.containers.securityContext.*")
+    assert count(cmp(any_security_setting, Op.EQ, True), privileged) == 1
+    assert count(cmp("requestObject.spec.containers.*", Op.EQ, "centos"), privileged) == 1
+
+
+def test_a_star_field_reads_the_event_as_sent_not_the_typed_columns() -> None:
+    events: list[dict[str, Any]] = [
+        {"responseStatus": {"code": "403"}},  # text: null in the typed column
+        {"responseStatus": {"code": 403}},
+    ]
+    assert both(cmp("responseStatus_code", Op.EQ, "403"), events) == [False, False]
+    assert both(cmp("responseStatus.*", Op.EQ, "403"), events) == [True, False]
+    assert both(cmp("responseStatus.*", Op.EQ, 403), events) == [False, True]
+
+
+def test_annotations_star_is_every_annotation_not_a_key_named_star() -> None:
+    events: list[dict[str, Any]] = [
+        {"annotations": {"authorization.k8s.io/decision": "forbid"}},
+        {"annotations": {"*": "allow", "b": "forbid"}},
+        {"annotations": {"a": ["forbid"], "b": 5}},  # not text: not in the map column
+        {"annotations": [{"a": "forbid"}]},
+        {"annotations": {}},
+        {},
+    ]
+    any_annotation = field("annotations.*")
+    assert both(cmp(any_annotation, Op.EQ, "forbid"), events) == [
+        True, True, True, True, False, False,
+    ]  # fmt: skip
+    assert both(cmp(any_annotation, Op.EQ, 5), events) == [
+        False, False, True, False, False, False,
+    ]  # fmt: skip
+    assert both(Exists(any_annotation), events) == [True, True, True, True, False, False]
+    bracketed = Field(("annotations", "*"))
+    assert both(cmp(bracketed, Op.NE, "allow"), events) == [True, True, True, True, False, False]
+
+
 class CountingEvents(list[dict[str, Any]]):
     """Events that remember which rows were read."""
 
@@ -384,6 +484,15 @@ FIELDS = [
     ("user",),
     ("missing",),
     ("user", "extra", "x"),
+    ("annotations", "*"),
+    ("requestObject", "data", "*"),
+    ("requestObject", "spec", "containers", "*"),
+    ("requestObject", "spec", "*", "image"),
+    ("user", "*"),
+    ("user", "extra", "*"),
+    ("responseStatus", "*"),
+    ("*",),
+    ("*", "resource"),
 ]
 TEXTS = ["get", "list", "create", "pods", "secrets", "exec", "403", "forbid", "allow", "Alice"]
 TEXTS += ["ALICE", "alice", "Straße", "STRASSE", "system:masters", "", "a\n", "İ", "i", "ſ"]
@@ -476,6 +585,8 @@ MUTATED_PATHS = [
     ("requestObject", "spec", "containers"),
     ("requestObject", "spec", "hostNetwork"),
     ("user", "extra", "x"),
+    ("requestObject", "data"),
+    ("requestObject", "data", "a"),
     ("missing",),
 ]
 

@@ -187,6 +187,80 @@ def test_extensions(text: str, expected: ast.Expr) -> None:
     assert parse_expression(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "segments"),
+    [
+        ("requestObject.data.* exists", ("requestObject", "data", "*")),
+        ("spec.containers.*.image exists", ("spec", "containers", "*", "image")),
+        ('a.*["k.j"] exists', ("a", "*", "k.j")),
+        ("a.*.* exists", ("a", "*", "*")),
+        ('annotations.* exists', ("annotations", "*")),
+        # The bracketed spelling means the same: a key literally named `*` cannot be addressed.
+        ('a["*"] exists', ("a", "*")),
+        ('["*"].b exists', ("*", "b")),
+    ],
+)  # fmt: skip
+def test_a_star_segment_stands_for_every_key(text: str, segments: tuple[str, ...]) -> None:
+    assert parse_expression(text) == Exists(Field(segments))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'requestObject.data.* ~ "AKIA[0-9A-Z]{16}"',
+            cmp("requestObject.data.*", "~", "AKIA[0-9A-Z]{16}"),
+        ),
+        ('a.*="x"', cmp("a.*", "=", "x")),
+        ('a.*!~"x"', cmp("a.*", "!~", "x")),
+        ('a.* in ("x", 1)', cmp("a.*", "in", ("x", 1))),
+        ('a.* not in ("x")', cmp("a.*", "not in", ("x",))),
+        ('a.* startswith "-----BEGIN"', cmp("a.*", "startswith", "-----BEGIN")),
+        ("not a.* exists", Not(Exists(Field(("a", "*"))))),
+        ("(a.* exists)", Exists(Field(("a", "*")))),
+        ('a.* = "x" and b.* = "y"', And((cmp("a.*", "=", "x"), cmp("b.*", "=", "y")))),
+    ],
+)
+def test_a_star_segment_takes_every_operator(text: str, expected: ast.Expr) -> None:
+    assert parse_expression(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "position", "message"),
+    [
+        ("*.a exists", 0, "expected a comparison"),  # a field starts with a name
+        ("* = 1", 0, "expected a comparison"),
+        ("a.** exists", 3, "expected an operator"),
+        ("a*b = 1", 1, "expected an operator"),  # `*` is a whole segment, not a glob
+        ("a.*b exists", 3, "expected an operator"),
+        ("a.b* exists", 3, "expected an operator"),
+        ("a. * exists", 1, "expected an operator"),
+        ("a .* exists", 2, "expected an operator"),
+        ('a.["*"] exists', 1, "expected an operator"),
+        ("a.*exists", 3, "'exists' needs whitespace"),
+        ('a.*in ("x")', 3, "'in' needs whitespace"),
+    ],
+)
+def test_misplaced_stars_point_at_the_offending_column(
+    text: str, position: int, message: str
+) -> None:
+    error = error_of(text)
+    assert error.position == position
+    assert message in error.message
+
+
+def test_a_star_is_still_an_ordinary_character_inside_strings() -> None:
+    assert parse_expression('requestObject.rules.verbs = "*"') == cmp(
+        "requestObject.rules.verbs", "=", "*"
+    )
+    assert parse_expression('["a*b"] = "*"') == Compare(Field(("a*b",)), Op.EQ, "*")
+
+
+def test_a_column_rule_on_a_star_field() -> None:
+    rule = parse_rule("column", {"column": "requestObject.data.*", "value": "AKIA"})
+    assert rule.condition == cmp("requestObject.data.*", "=%", "AKIA")
+
+
 def test_not_binds_tighter_than_and() -> None:
     assert parse_expression("not a = 1 and b = 2") == And((Not(cmp("a", "=", 1)), cmp("b", "=", 2)))
 
@@ -368,7 +442,7 @@ _TOKENS = [
     "verb", "a.b", '["k"]', "=", "!=", "=%", "!%", "~", "!~", "<", "<=", ">", ">=", "==",
     '"x"', '"x"i', '"\\"', '"\\u00', '"', "'", "(", ")", "!(", "!", "and", "or", "not", "in",
     "not in", "startswith", "endswith", "exists", "true", "false", "1", "-2.5", ",", ".",
-    "[", "]", "i", "\\", " ", " ", " ", "\n", "\t",
+    "[", "]", "i", "\\", " ", " ", " ", "\n", "\t", ".*", "*", '["*"]',
 ]  # fmt: skip
 
 
@@ -422,6 +496,7 @@ def _matches_in(sample: str, text: str) -> int:
             2,
         ),
         ("impersonation-and-403s.log", "responseStatus_code = 403", 11),
+        ("secret-recon-then-exec.log", 'annotations.* = "forbid"', 2),
         (
             "secret-recon-then-exec.log",
             'annotations["authorization.k8s.io/decision"] = "forbid"',
@@ -475,6 +550,20 @@ _PRIVILEGED_POD = (
 )
 
 
+_CONFIGMAP_CREDENTIALS = (
+    'objectRef.resource = "configmaps" and verb in ("create", "update", "patch")\n'
+    '  and (requestObject.data.* ~ "(AKIA|ASIA)[0-9A-Z]{16}"\n'
+    '       or requestObject.data.* ~ "-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----"\n'
+    '       or requestObject.data.* ~ "(passw(or)?d|passphrase)[ \\t]*[:=]"i\n'
+    "       or requestObject.data.password exists)"
+)
+
+
+def _configmap(data: dict[str, str]) -> dict[str, Any]:
+    configmap = {"resource": "configmaps"}
+    return {"verb": "update", "objectRef": configmap, "requestObject": {"data": data}}
+
+
 def _pod(containers: list[Any], init: list[Any]) -> dict[str, Any]:
     spec = {"containers": containers, "initContainers": init}
     return {"verb": "create", "objectRef": {"resource": "pods"}, "requestObject": {"spec": spec}}
@@ -515,6 +604,15 @@ def _clusterrole(rules: list[Any]) -> dict[str, Any]:
             _clusterrole([{"verbs": ["get", "list"], "resources": ["pods", "secrets"]}]),
             False,
         ),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"s3.json": '{"id": "AKIAI44QH8DHBEXAMPLE"}'}), True),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"tls.key": "-----BEGIN EC PRIVATE KEY-----"}), True),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"app.env": "DB_USER=pay\nDB_PASSWORD=x\n"}), True),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"app.yaml": "gpg:\n  Passphrase:\tx\n"}), True),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"password": "hunter2"}), True),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"DB_PASSWORD": "hunter2"}), False),  # listed keys only
+        (_CONFIGMAP_CREDENTIALS, _configmap({"ca.crt": "-----BEGIN CERTIFICATE-----\n"}), False),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"app.yaml": "passwordFile: /run/pw\n"}), False),
+        (_CONFIGMAP_CREDENTIALS, _configmap({"LOG_LEVEL": "info", "KEY_ID": "AKIA"}), False),
         (_PRIVILEGED_POD, _pod([{"name": "a"}], [{"securityContext": {"privileged": True}}]), True),
         (
             _PRIVILEGED_POD,

@@ -56,6 +56,11 @@ def round_trip(expr: ast.Expr) -> str:
         (cmp("userAgent", Op.STARTS_WITH, "kubectl/"), 'userAgent startswith "kubectl/"'),
         (cmp("userAgent", Op.ENDS_WITH, "x"), 'userAgent endswith "x"'),
         (Exists(Field(("requestObject", "spec"))), "requestObject.spec exists"),
+        (
+            cmp("requestObject.data.*", Op.REGEX, "AKIA[0-9A-Z]{16}"),
+            'requestObject.data.* ~ "AKIA[0-9A-Z]{16}"',
+        ),
+        (Not(Exists(Field(("annotations", "*")))), "!(annotations.* exists)"),
         (Not(cmp("verb", Op.EQ, "get")), '!(verb = "get")'),
         (
             And((Or((cmp("a", Op.EQ, 1), cmp("b", Op.EQ, 2))), cmp("c", Op.EQ, 3))),
@@ -84,6 +89,14 @@ def test_canonical_text(expr: ast.Expr, text: str) -> None:
         (("in", "not"), '["in"].not'),
         (("",), '[""]'),
         (('q"b\\',), '["q\\"b\\\\"]'),
+        (("requestObject", "data", "*"), "requestObject.data.*"),
+        (("a", "*", "b"), "a.*.b"),
+        (("a", "*", "*"), "a.*.*"),
+        (("a", "*", "k.j"), 'a.*["k.j"]'),
+        (("*",), '["*"]'),  # a field cannot start with a bare `*`
+        (("*", "*"), '["*"].*'),
+        (("a", "*b"), 'a["*b"]'),  # only a whole `*` segment is the wildcard
+        (("a", "**"), 'a["**"]'),
     ],
 )  # fmt: skip
 def test_fields_print_as_written(segments: tuple[str, ...], text: str) -> None:
@@ -179,6 +192,7 @@ _segments = st.one_of(
     st.text(max_size=8),
     st.from_regex(r"[A-Za-z_][\w-]{0,6}", fullmatch=True),
     st.sampled_from(["verb", "objectRef_resource", "not", "and", "in", "a.b", "x-1", "-"]),
+    st.sampled_from(["*", "*", "**", "*a", "a.*"]),  # the wildcard, and segments that are not it
 )
 _fields = st.lists(_segments, min_size=1, max_size=3).map(lambda s: Field(tuple(s)))
 _numbers = st.one_of(st.integers(), st.floats(allow_nan=False, allow_infinity=False))
