@@ -276,3 +276,33 @@ def test_large_compressed_body_below_the_cap_decodes_whole(encoding: str, compre
     long_uri = "/api/v1/" + "x" * (9 * 1024 * 1024)
     body = compress(orjson.dumps([{"verb": "get", "requestURI": long_uri}]))
     assert decode_body(body, encoding) == [{"verb": "get", "requestURI": long_uri}]
+
+
+@pytest.mark.parametrize(
+    ("body", "verbs"),
+    [
+        (b'\n\n{"verb":"get"}\n\n{"verb":"list"}\n', ["get", "list"]),
+        (b'[\n{"verb":"get"},\n{"verb":"list"}\n]\n', ["get", "list"]),
+        (b'{"verb":"get"}\n   \n\t\r\n', ["get"]),
+        (b'\r\n{"kind":"EventList","items":[\n{"verb":"get"}]}', ["get"]),
+    ],
+)
+def test_ndjson_and_one_document_are_told_apart_by_the_first_line(
+    body: bytes, verbs: list[str]
+) -> None:
+    assert [event["verb"] for event in decode_body(body)] == verbs
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'\n\n{"verb": }\n', "invalid JSON at line 3, column 10"),
+        (b'\n \n{"verb":"get"}\n{"verb": }', "invalid JSON at line 4, column 10"),
+        (b'[\n{"verb":"get"},\n{"verb": }\n]', "invalid JSON at line 3, column 10"),
+        (b'"x"\n{"verb":"get"}\n', "line 1 is a string, not an event object"),
+    ],
+)
+def test_json_errors_name_the_line_of_the_body(body: bytes, message: str) -> None:
+    with pytest.raises(DecodeError) as caught:
+        decode_body(body)
+    assert message in str(caught.value)

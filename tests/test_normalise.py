@@ -265,3 +265,76 @@ def test_any_json_objects_normalise_and_round_trip(events: list[dict[str, Any]])
     assert [orjson.loads(text) for text in _column(batch, "event")] == events
     assert from_table(batch.table).events == events
     _assert_columns_follow_typed_value(batch, events)
+
+
+TYPED_PATHS = sorted(
+    {f.path[:depth] for f in TYPED_FIELDS for depth in range(1, len(f.path) + 1)}
+    | {("stageTimestamp",)}
+)
+"""Every path a typed column or the event time reads, and every object on the way."""
+
+
+@pytest.mark.parametrize(
+    "clash",
+    [
+        200.0,
+        200.5,
+        -0.0,
+        True,
+        False,
+        0,
+        2**63,
+        -(2**63),
+        2**64 - 1,
+        "abc",
+        "",
+        "200",
+        [],
+        ["a", 1],
+        ["a", None, True],
+        [["a", "b"]],
+        [{"username": "x"}],
+        {},
+        {"k": 1},
+        {"k": None, "j": "v"},
+        {"k": ["x"]},
+        {"k": {"username": "x"}},
+        {"code": 200.0, "username": "abc", "groups": "abc"},
+        None,
+    ],
+    ids=repr,
+)
+def test_any_json_value_at_any_typed_path_follows_typed_value(clash: Any) -> None:
+    """Arrow converts some clashes silently (200.0 to 200, "abc" to ["a", "b", "c"], "" or []
+    to an empty map), so each one, at every path, must still give typed_value's column."""
+    for path in TYPED_PATHS:
+        events = _sample_events()[:3]
+        target = events[1]
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = clash
+        batch = normalise(events, RECEIVED)
+        assert batch.table.schema == EVENT_SCHEMA
+        try:
+            _assert_columns_follow_typed_value(batch, events)
+        except AssertionError as failure:
+            raise AssertionError(f"{clash!r} at {path}: {failure}") from None
+
+
+def test_silent_arrow_conversions_become_null() -> None:
+    events: list[dict[str, Any]] = [
+        {"responseStatus": {"code": 200.0}, "sourceIPs": "10.0.0.1", "annotations": []},
+        {"responseStatus": {"code": True}, "user": {"groups": "system:masters"}},
+        {"responseStatus": {"code": 404}, "user": {"groups": ["g"]}, "annotations": {"a": "b"}},
+        {"annotations": {"a": 1, "b": {"c": "d"}, "e": "f"}},
+    ]
+    table = normalise(events, RECEIVED).table
+    assert table.column("responseStatus_code").to_pylist() == [None, None, 404, None]
+    assert table.column("sourceIPs").to_pylist() == [None, None, None, None]
+    assert table.column("user_groups").to_pylist() == [None, None, ["g"], None]
+    assert table.column("annotations").to_pylist() == [
+        None,
+        None,
+        [("a", "b")],
+        [("a", None), ("b", None), ("e", "f")],
+    ]

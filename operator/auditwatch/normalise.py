@@ -1,24 +1,24 @@
 """Normalise decoded audit events into one Arrow batch with the stable schema of `schema.py`.
 
-Columns are built column-wise (one list comprehension or one `pa.array` call per column, never a
-Python object per event), because this runs on every batch the receiver accepts. Typed columns
-follow one rule, `typed_value`, so the vectorised rule evaluator (typed columns) and the
+Typed columns come from one `pa.array` call converting the event dicts to a struct in C++, not
+from Python code per event, because this runs on every batch the receiver accepts. They follow
+one rule, `typed_value`, so the vectorised rule evaluator (typed columns) and the
 per-event reference evaluator (`typed_value`) agree on every event, type clashes included.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditwatch.schema import EVENT_SCHEMA, TIMESTAMP, TYPED_FIELDS, TypedField
+from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, TIMESTAMP, TYPED_FIELDS, TypedField
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -43,12 +43,14 @@ class EventBatch:
     """A batch of audit events: the Arrow table (schema.EVENT_SCHEMA) and the parsed events.
 
     `events[i]` is row i of `table` as the dict the sender sent. The decoder already holds these
-    dicts, so they are kept rather than parsed again; a batch read back from storage parses
-    them lazily from the `event` column, once.
+    dicts, so they are kept rather than parsed again; a batch read back from storage (or from a
+    decoding worker process) parses them lazily from the `event` column: all at once through
+    `events`, or only the rows asked for through `event(i)`.
     """
 
     table: pa.Table
     _events: list[dict[str, Any]] | None = field(default=None, repr=False)
+    _parsed: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
@@ -56,8 +58,19 @@ class EventBatch:
     @property
     def events(self) -> list[dict[str, Any]]:
         if self._events is None:
-            self._events = [orjson.loads(text) for text in self.table.column("event").to_pylist()]
+            self._events = [
+                orjson.loads(text) for text in self.table.column(EVENT_JSON).to_pylist()
+            ]
         return self._events
+
+    def event(self, row: int) -> dict[str, Any]:
+        """Row `row` as the sender's dict, parsing only that row when the batch holds none."""
+        if self._events is not None:
+            return self._events[row]
+        parsed = self._parsed.get(row)
+        if parsed is None:
+            parsed = self._parsed[row] = orjson.loads(self.table.column(EVENT_JSON)[row].as_py())
+        return parsed
 
     def filter(self, mask: pa.BooleanArray | pa.ChunkedArray) -> EventBatch:
         """The rows where mask is true, events included (null counts as false)."""
@@ -102,9 +115,9 @@ def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch
     does not fit its typed column is null there and intact in `event`, never an error.
     """
     event_json = pa.array(list(map(orjson.dumps, events)), pa.string())
-    values = _PathValues(events)
-    columns: list[pa.Array] = [_typed_column(values.at(f.path), f.type) for f in TYPED_FIELDS]
-    columns.append(_event_time(values))
+    leaves = _leaf_columns(_PathValues(events))
+    columns = [leaves[f.path] for f in TYPED_FIELDS]
+    columns.append(_event_time([leaves[(key,)] for key in _TIME_KEYS]))
     columns.append(pa.repeat(pa.scalar(_as_utc(received_at), TIMESTAMP), len(events)))
     columns.append(event_json)
     return EventBatch(pa.Table.from_arrays(columns, schema=EVENT_SCHEMA), events)
@@ -123,7 +136,7 @@ class _PathValues:
     """
 
     def __init__(self, events: list[dict[str, Any]]) -> None:
-        self._events = events
+        self.events = events
         self._values: dict[tuple[str, ...], list[Any]] = {}
         self._parents: dict[tuple[str, ...], list[dict[str, Any]]] = {(): events}
 
@@ -186,43 +199,159 @@ _CONFORM: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _typed_column(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
-    """The column `typed_value` defines, built with one `pa.array` call when nothing clashes.
+class _Leaf(NamedTuple):
+    """A value normalise reads from every event: a typed column's, or a candidate event time."""
 
-    Arrow itself rejects a non-string where a string is due, so the common all-clean case skips
-    the per-value check; ints are checked up front because Arrow would accept 200.0 or True.
+    path: tuple[str, ...]
+    type: pa.DataType
+
+
+_LEAVES = tuple(_Leaf(f.path, f.type) for f in TYPED_FIELDS) + tuple(
+    _Leaf((key,), pa.string()) for key in _TIME_KEYS
+)
+
+
+@dataclass(frozen=True, eq=False)
+class _Subtree:
+    """The leaves under one top-level key of the event and the Arrow type holding them all
+    (a struct for an object such as `user`), so that Arrow can convert them in one go."""
+
+    key: str
+    type: pa.DataType
+    leaves: tuple[_Leaf, ...]
+
+
+def _nested_type(leaves: Sequence[_Leaf], depth: int) -> pa.DataType:
+    """The type of the value `depth` keys down the common path of `leaves`."""
+    if len(leaves) == 1 and len(leaves[0].path) == depth:
+        return leaves[0].type
+    children: dict[str, list[_Leaf]] = {}
+    for leaf in leaves:
+        children.setdefault(leaf.path[depth], []).append(leaf)
+    return pa.struct([(key, _nested_type(group, depth + 1)) for key, group in children.items()])
+
+
+def _subtrees() -> tuple[_Subtree, ...]:
+    by_key: dict[str, list[_Leaf]] = {}
+    for leaf in _LEAVES:
+        by_key.setdefault(leaf.path[0], []).append(leaf)
+    return tuple(
+        _Subtree(key, _nested_type(leaves, 1), tuple(leaves)) for key, leaves in by_key.items()
+    )
+
+
+_SUBTREES = _subtrees()
+
+
+def _leaf_columns(values: _PathValues) -> dict[tuple[str, ...], pa.Array]:
+    """The column of every leaf, by path, as `typed_value` defines it.
+
+    Walking paths in Python costs a list per path and per parent object. Instead Arrow converts
+    the event dicts (extra keys ignored) to one struct of every subtree in C++, and the columns
+    are its fields. Subtrees where Arrow would silently convert a clash are left out of it; if
+    it raises on a clash, each subtree is converted on its own, so only the clashing one is
+    built value by value.
     """
-    kind = _kind(arrow_type)
-    candidates: list[Any]
-    if kind == "int":
-        candidates = [value if type(value) is int else None for value in values]
-    elif kind == "list":
-        candidates = [value if isinstance(value, list) else None for value in values]
-    elif kind == "map":
-        candidates = [value if isinstance(value, dict) else None for value in values]
-    else:
-        candidates = values
+    exact = [tree for tree in _SUBTREES if _arrow_is_exact(values, tree)]
+    whole = _convert(values.events, pa.struct([(tree.key, tree.type) for tree in exact]))
+    columns: dict[tuple[str, ...], pa.Array] = {}
+    for tree in _SUBTREES:
+        converted = None
+        if tree in exact:
+            if whole is None:
+                converted = _convert(values.at((tree.key,)), tree.type)
+            else:
+                converted = pc.struct_field(whole, [tree.key])
+        for leaf in tree.leaves:
+            columns[leaf.path] = _leaf_column(values, leaf, converted)
+    return columns
+
+
+def _arrow_is_exact(values: _PathValues, tree: _Subtree) -> bool:
+    """Whether Arrow converts the subtree exactly or raises (reads its values only if needed)."""
+    if not _may_clash_silently(tree.type):
+        return True
+    return _no_silent_clash(values.at((tree.key,)), tree.type)
+
+
+def _leaf_column(values: _PathValues, leaf: _Leaf, subtree: pa.Array | None) -> pa.Array:
+    """A leaf's column from its converted subtree, else built from its own values."""
+    if subtree is None:
+        return _typed_column(values.at(leaf.path), leaf.type)
+    if len(leaf.path) == 1:
+        return subtree
+    return pc.struct_field(subtree, list(leaf.path[1:]))
+
+
+def _typed_column(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
+    """The column `typed_value` defines: one `pa.array` call unless a value clashes."""
+    column = _convert(values, arrow_type) if _no_silent_clash(values, arrow_type) else None
+    if column is None:
+        conform = _CONFORM[_kind(arrow_type)]
+        column = pa.array([conform(value) for value in values], arrow_type)
+    return column
+
+
+def _convert(values: list[Any], arrow_type: pa.DataType) -> pa.Array | None:
+    """Arrow's conversion of `values`, or None when a value clashes with the type."""
     try:
-        return pa.array(candidates, arrow_type)
+        return pa.array(values, arrow_type)
     except (pa.ArrowTypeError, pa.ArrowInvalid, OverflowError):
-        conform = _CONFORM[kind]
-        return pa.array([conform(value) for value in candidates], arrow_type)
+        return None
 
 
-def _event_time(values: _PathValues) -> pa.Array:
-    """The first of `_TIME_KEYS` that parses, per event; null when none does."""
-    first, *fallbacks = _TIME_KEYS
-    times = _parse_times(values.at((first,)))
-    for key in fallbacks:
+_NONE = type(None)
+_EXPECTED_TYPES: dict[str, set[type]] = {
+    "int": {int, _NONE},
+    "list": {list, _NONE},
+    "map": {dict, _NONE},
+}
+"""The only JSON value types Arrow converts exactly to these kinds of typed column."""
+
+
+def _no_silent_clash(values: Iterable[Any], arrow_type: pa.DataType) -> bool:
+    """False when Arrow would convert a clashing value rather than raise.
+
+    Arrow raises on every JSON type clash but these: a float for an int (200.5 becomes 200), a
+    string for a list ("abc" becomes its characters), and an empty string or array for a map
+    (an empty map instead of null) or an object (harmless: its fields are null either way).
+    Only value types are looked at, with map/filter/set running in C, and only down to the
+    leaves where this can happen; test_normalise pins which clashes Arrow raises on.
+    """
+    if pa.types.is_struct(arrow_type):
+        children = [child for child in arrow_type if _may_clash_silently(child.type)]
+        if not children:
+            return True
+        parents = list(values)
+        if not set(map(type, parents)) <= {dict, _NONE}:
+            return False
+        return all(
+            _no_silent_clash(map(dict.get, filter(None, parents), repeat(child.name)), child.type)
+            for child in children
+        )
+    expected = _EXPECTED_TYPES.get(_kind(arrow_type))
+    return expected is None or set(map(type, values)) <= expected
+
+
+def _may_clash_silently(arrow_type: pa.DataType) -> bool:
+    if pa.types.is_struct(arrow_type):
+        return any(_may_clash_silently(child.type) for child in arrow_type)
+    return _kind(arrow_type) in _EXPECTED_TYPES
+
+
+def _event_time(candidates: list[pa.Array]) -> pa.Array:
+    """The first candidate (string columns, by `_TIME_KEYS`) that parses, per event."""
+    first, *fallbacks = candidates
+    times = _parse_times(first)
+    for strings in fallbacks:
         if times.null_count == 0:
             break
-        times = pc.coalesce(times, _parse_times(values.at((key,))))
+        times = pc.coalesce(times, _parse_times(strings))
     return times
 
 
-def _parse_times(values: list[Any]) -> pa.Array:
+def _parse_times(strings: pa.Array) -> pa.Array:
     """RFC 3339 strings as UTC microseconds (digits past microseconds dropped); else null."""
-    strings = _typed_column(values, pa.string())
     strings = pc.if_else(pc.match_substring_regex(strings, _RFC3339), strings, None)
     try:
         return strings.cast(TIMESTAMP)
