@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tests.kubefake.fixtures import kube_fake
 
 __all__ = ["kube_fake"]

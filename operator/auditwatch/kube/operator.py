@@ -1,0 +1,289 @@
+"""`auditwatch run`: kopf and the receiver in one process and one event loop.
+
+Start-up: the receiver listens at once (liveness answers; readiness says "standby"), the replica
+waits for the leader Lease, then opens the data directory, lists every AuditStream and AuditAlert
+(readiness turns true once that configuration is applied and storage takes writes), and starts
+kopf, the engine's timers and the status writer. Shutdown (SIGTERM, kopf stopping, or the Lease
+lost) closes the receiver first, stops kopf, writes the status a last time, drains deliveries,
+flushes storage and releases the Lease. Losing the Lease ends the process with an error, so
+Kubernetes restarts it as a standby: two replicas never reconcile at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import kopf
+from aiohttp import web
+
+from auditwatch.config.model import StreamSpec
+from auditwatch.engine import Engine, utcnow
+from auditwatch.kube.aio import pause
+from auditwatch.kube.api import KubeApi, default_namespace
+from auditwatch.kube.handlers import Handlers, configure
+from auditwatch.kube.leader import LeaderElection, LeaseSettings
+from auditwatch.kube.source import KubeConfig, KubeSource
+from auditwatch.kube.writer import StatusWriter
+from auditwatch.metrics import Metrics
+from auditwatch.normalise import EventBatch
+from auditwatch.receive import RETRY_HEADERS, Receiver, Rejected
+
+logger = logging.getLogger(__name__)
+
+LIST_RETRY_SECONDS = 5.0
+RECEIVER_SHUTDOWN_SECONDS = 10.0
+"""How long requests in flight may take to finish on shutdown (within the pod's 30 s grace)."""
+
+
+class LeadershipLost(RuntimeError):
+    """Another replica holds the Lease now: this one must stop reconciling (and restart)."""
+
+
+class ReplicaIngestor:
+    """What the receiver talks to: a standby answer until this replica leads, then the engine.
+
+    A standby neither opens the data directory nor accepts events: it answers 503 with
+    Retry-After (senders retry) and is not ready, so Services route to the leader only.
+    """
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.metrics = Metrics()
+        """One registry for the whole process: the leader's engine counts into it too."""
+        self.waiting = "standby: waiting for the leader Lease"
+        """Why there is no engine yet: the readiness answer until there is one."""
+
+    def stream(self, name: str) -> StreamSpec | None:
+        if self.engine is None:
+            raise Rejected(
+                503,
+                "standby",
+                "this replica is on standby (not the leader); retry later",
+                RETRY_HEADERS,
+            )
+        return self.engine.stream(name)
+
+    def clock(self) -> datetime:
+        return utcnow() if self.engine is None else self.engine.clock()
+
+    async def ingest(self, stream: StreamSpec, batch: EventBatch) -> dict[str, int]:
+        assert self.engine is not None  # stream() answered first
+        return await self.engine.ingest(stream, batch)
+
+    def status(self) -> dict[str, Any]:
+        if self.engine is None:
+            return {"streams": {}, "alerts": {}, "problems": ["standby: not the leader"]}
+        return self.engine.status()
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.engine is None:
+            return False, self.waiting
+        return self.engine.readiness()
+
+
+@dataclass
+class OperatorOptions:
+    """Timing and identity; the defaults suit a cluster, tests shorten them."""
+
+    leader_election: bool = True
+    lease_name: str = "auditwatch"
+    lease_duration: float = 15.0
+    lease_renew_deadline: float = 10.0
+    lease_retry_period: float = 2.0
+    status_interval: float = 2.0
+    identity: str = field(
+        default_factory=lambda: (
+            os.environ.get("AUDITWATCH_POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        )
+    )
+    namespace: str | None = None
+    """The operator's namespace (Lease, stream Secrets, stream Events); default: detected."""
+    kopf_settings: kopf.OperatorSettings | None = None
+
+
+@dataclass
+class Running:
+    """The parts of a running operator, for tests and diagnostics."""
+
+    ingestor: ReplicaIngestor
+    runner: web.AppRunner
+    handlers: Handlers | None = None
+    writer: StatusWriter | None = None
+    source: KubeSource | None = None
+
+
+async def run_operator(
+    data: Path,
+    *,
+    host: str,
+    port: int,
+    namespaces: list[str],
+    decode_workers: int = 0,
+    options: OperatorOptions | None = None,
+    stop: asyncio.Event | None = None,
+    started: asyncio.Future[Running] | None = None,
+) -> None:
+    """Run until SIGTERM / SIGINT or `stop`; raise LeadershipLost if another replica took over.
+
+    `namespaces`: watch AuditAlerts (and Secrets) of these only; all when empty. `started`, if
+    given, gets the running parts once kopf is started (tests).
+    """
+    options = options or OperatorOptions()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    namespace = options.namespace or default_namespace()
+    ingestor = ReplicaIngestor()
+    runner = web.AppRunner(
+        Receiver(ingestor, decode_workers=decode_workers).app,
+        access_log=None,
+        shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS,
+    )
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    logger.info("receiving on http://%s:%d", host, port)
+    api = KubeApi.from_environment()
+    election = LeaderElection(
+        api,
+        LeaseSettings(
+            namespace=namespace,
+            identity=options.identity,
+            name=options.lease_name,
+            duration=options.lease_duration,
+            renew_deadline=options.lease_renew_deadline,
+            retry_period=options.lease_retry_period,
+        ),
+    )
+    try:
+        if options.leader_election and not await election.acquire(stop):
+            return
+        await _lead(
+            data, namespaces, namespace, options, api, election, ingestor, runner, stop, started
+        )
+    finally:
+        await _close_receiver(runner)
+        await election.release()
+        await api.close()
+
+
+async def _lead(
+    data: Path,
+    namespaces: list[str],
+    namespace: str,
+    options: OperatorOptions,
+    api: KubeApi,
+    election: LeaderElection,
+    ingestor: ReplicaIngestor,
+    runner: web.AppRunner,
+    stop: asyncio.Event,
+    started: asyncio.Future[Running] | None,
+) -> None:
+    """Everything the leader does, from opening the store to flushing it."""
+    engine = Engine(data)
+    engine.metrics = ingestor.metrics
+    writer: StatusWriter | None = None
+
+    def apply(config: KubeConfig) -> None:
+        engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
+        if writer is not None:
+            writer.poke()
+
+    source = KubeSource(namespace, api.get_secret, apply)
+    writer = StatusWriter(
+        api,
+        source,
+        engine,
+        events_namespace=namespace,
+        reporter=options.identity,
+        interval=options.status_interval,
+    )
+    handlers = Handlers(source)
+    tasks: list[asyncio.Task[Any]] = []
+    kopf_task: asyncio.Task[None] | None = None
+    kopf_stop = asyncio.Event()
+    ingestor.waiting = "leader: listing AuditStreams and AuditAlerts"
+    try:
+        if not await _initial_listing(api, source, namespaces, stop):
+            return
+        ingestor.engine = engine
+        logger.info(
+            "configuration: %d stream(s), %d alert(s) applied",
+            len(source.config.streams) if source.config else 0,
+            len(source.config.alerts) if source.config else 0,
+        )
+        # Created before kopf starts: kopf cancels, when it stops, every task created after it.
+        tasks = [
+            asyncio.create_task(engine.run(stop), name="engine"),
+            asyncio.create_task(writer.run(stop), name="status writer"),
+        ]
+        if options.leader_election:
+            tasks.append(asyncio.create_task(election.keep(stop), name="leader lease"))
+        kopf_task = asyncio.create_task(
+            kopf.operator(
+                registry=handlers.registry,
+                settings=configure(options.kopf_settings or kopf.OperatorSettings()),
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                stop_flag=kopf_stop,
+            ),
+            name="kopf",
+        )
+        tasks.append(kopf_task)
+        if started is not None and not started.done():
+            started.set_result(Running(ingestor, runner, handlers, writer, source))
+        waiting = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiting, *tasks], return_when="FIRST_COMPLETED")
+        waiting.cancel()
+        for task in tasks:
+            if not task.done():
+                continue
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("%s failed", task.get_name(), exc_info=task.exception())
+            else:
+                logger.info("%s ended: stopping", task.get_name())
+    finally:
+        # Intake first, then timers, deliveries and storage, and kopf last: kopf's shutdown
+        # cancels tasks it did not start, deliveries in flight among them.
+        stop.set()
+        await _close_receiver(runner)
+        await asyncio.gather(*(t for t in tasks if t is not kopf_task), return_exceptions=True)
+        ingestor.engine = None
+        await engine.close()
+        kopf_stop.set()
+        if kopf_task is not None:
+            await asyncio.gather(kopf_task, return_exceptions=True)
+    if options.leader_election and not election.is_leader:
+        raise LeadershipLost("the leader Lease was lost to another replica")
+
+
+async def _initial_listing(
+    api: KubeApi, source: KubeSource, namespaces: list[str], stop: asyncio.Event
+) -> bool:
+    """List both kinds and apply them; retried until it works (CRDs not installed yet, say)."""
+    while not stop.is_set():
+        try:
+            streams = await api.list_resources("AuditStream", namespaces)
+            alerts = await api.list_resources("AuditAlert", namespaces)
+            await source.load([*streams, *alerts])
+            return True
+        except Exception as error:  # any failure: not ready, try again
+            logger.warning("listing AuditStreams and AuditAlerts failed (retrying): %s", error)
+            await pause(stop, LIST_RETRY_SECONDS)
+    return False
+
+
+async def _close_receiver(runner: web.AppRunner) -> None:
+    if runner.server is not None:
+        await runner.cleanup()
