@@ -66,7 +66,7 @@ def kinds(notices: list[Notice]) -> list[tuple[str, str]]:
 def test_first_match_fires_at_once_to_every_target() -> None:
     tracker = AlertTracker(make_spec(targets=(target("hook"), target("chat", "slack"))))
     assert tracker.status()["state"] == "Listening"
-    notices = tracker.observe(GETS[:2], seconds(0))
+    notices = tracker.observe(2, GETS[1], seconds(0))
     assert kinds(notices) == [("hook", "firing"), ("chat", "firing")]
     first = notices[0]
     assert first.count == 2 and first.total == 2
@@ -90,9 +90,9 @@ def test_first_match_fires_at_once_to_every_target() -> None:
 
 def test_repeats_follow_interval_and_stop_at_times() -> None:
     tracker = AlertTracker(make_spec(targets=(target("hook", interval=10, times=3),)))
-    assert kinds(tracker.observe([GETS[0]], seconds(0))) == [("hook", "firing")]
+    assert kinds(tracker.observe(1, GETS[0], seconds(0))) == [("hook", "firing")]
     # More matches before the interval is over: nothing yet, but a deadline at the interval.
-    assert tracker.observe([GETS[1], GETS[2]], seconds(4)) == []
+    assert tracker.observe(2, GETS[2], seconds(4)) == []
     assert tracker.next_deadline() == seconds(10)
     assert tracker.tick(seconds(9)) == []
     repeat = tracker.tick(seconds(10))
@@ -101,10 +101,10 @@ def test_repeats_follow_interval_and_stop_at_times() -> None:
     assert repeat[0].event.audit_id == GETS[2]["auditID"]
     assert repeat[0].message == f"mayor-malware did get on {GETS[2]['objectRef']['resource']}"
     # A match after the interval passed is reported at once.
-    third = tracker.observe([GETS[3]], seconds(25))
+    third = tracker.observe(1, GETS[3], seconds(25))
     assert kinds(third) == [("hook", "repeat")] and third[0].count == 1
     # times=3 is used up: more matches keep it firing but send nothing more.
-    assert tracker.observe([GETS[4]], seconds(40)) == []
+    assert tracker.observe(1, GETS[4], seconds(40)) == []
     assert tracker.tick(seconds(55)) == []
     assert tracker.status()["state"] == "Firing"
     assert tracker.status()["matches"] == 5
@@ -112,7 +112,7 @@ def test_repeats_follow_interval_and_stop_at_times() -> None:
 
 def test_no_repeat_without_new_matches() -> None:
     tracker = AlertTracker(make_spec(targets=(target("hook", interval=10, times=5),)))
-    tracker.observe([GETS[0]], seconds(0))
+    tracker.observe(1, GETS[0], seconds(0))
     assert tracker.tick(seconds(30)) == []
     assert tracker.next_deadline() == seconds(60)  # only the resolve is pending
 
@@ -120,8 +120,8 @@ def test_no_repeat_without_new_matches() -> None:
 def test_resolves_after_quiet_once_per_target_even_when_repeats_are_used_up() -> None:
     spec = make_spec(targets=(target("hook", times=1), target("chat", "slack", times=1)))
     tracker = AlertTracker(spec)
-    tracker.observe([GETS[0]], seconds(0))
-    tracker.observe([GETS[1]], seconds(30))
+    tracker.observe(1, GETS[0], seconds(0))
+    tracker.observe(1, GETS[1], seconds(30))
     assert tracker.next_deadline() == seconds(90)
     assert tracker.tick(seconds(89)) == []
     resolved = tracker.tick(seconds(120))
@@ -137,8 +137,8 @@ def test_resolves_after_quiet_once_per_target_even_when_repeats_are_used_up() ->
 
 def test_match_after_silence_resolves_then_fires_anew() -> None:
     tracker = AlertTracker(make_spec())
-    tracker.observe([GETS[0]], seconds(0))
-    notices = tracker.observe([GETS[1]], seconds(200))
+    tracker.observe(1, GETS[0], seconds(0))
+    notices = tracker.observe(1, GETS[1], seconds(200))
     assert [n.kind for n in notices] == ["resolved", "firing"]
     assert notices[0].resolved_at == seconds(60)
     assert notices[1].fired_at == seconds(200) and notices[1].count == 1
@@ -148,18 +148,18 @@ def test_match_after_silence_resolves_then_fires_anew() -> None:
 def test_composite_rule_resolves() -> None:
     """Parseable's composite alerts never resolve and repeat forever; these do."""
     tracker = AlertTracker(make_spec(rule_text='verb = "get" and objectRef_resource = "roles"'))
-    tracker.observe(GETS[:1], seconds(0))
+    tracker.observe(1, GETS[0], seconds(0))
     assert kinds(tracker.tick(seconds(61))) == [("hook", "resolved")]
 
 
 def test_column_repeats_need_n_matches_within_the_window() -> None:
     tracker = AlertTracker(make_spec(repeats=3, resolve_after=60))
-    assert tracker.observe([GETS[0]], seconds(0)) == []
-    assert tracker.observe([GETS[1]], seconds(30)) == []
+    assert tracker.observe(1, GETS[0], seconds(0)) == []
+    assert tracker.observe(1, GETS[1], seconds(30)) == []
     # The first match is out of the window by now: two in the window, not enough.
-    assert tracker.observe([GETS[2]], seconds(70)) == []
+    assert tracker.observe(1, GETS[2], seconds(70)) == []
     assert tracker.status()["state"] == "Listening"
-    fired = tracker.observe([GETS[3]], seconds(80))
+    fired = tracker.observe(1, GETS[3], seconds(80))
     assert kinds(fired) == [("hook", "firing")]
     assert fired[0].count == 3 and fired[0].total == 4
 
@@ -167,10 +167,10 @@ def test_column_repeats_need_n_matches_within_the_window() -> None:
 def test_column_alert_does_not_flap_between_matches() -> None:
     """Non-matching events never reach the tracker; only time without a match resolves."""
     tracker = AlertTracker(make_spec(repeats=2, resolve_after=60))
-    tracker.observe(GETS[:2], seconds(0))
+    tracker.observe(2, GETS[1], seconds(0))
     for t in (20, 40, 59):
         assert tracker.tick(seconds(t)) == []
-        tracker.observe([GETS[2]], seconds(t))
+        tracker.observe(1, GETS[2], seconds(t))
         assert tracker.status()["state"] == "Firing"
 
 
@@ -180,10 +180,10 @@ def test_alertmanager_targets_get_refreshes_outside_repeat_times() -> None:
         resolve_after=300,
     )
     tracker = AlertTracker(spec, refresh_interval=timedelta(seconds=60))
-    tracker.observe([GETS[0]], seconds(0))
+    tracker.observe(1, GETS[0], seconds(0))
     assert tracker.next_deadline() == seconds(60)
     assert kinds(tracker.tick(seconds(60))) == [("am", "refresh")]
-    tracker.observe([GETS[1]], seconds(100))
+    tracker.observe(1, GETS[1], seconds(100))
     assert kinds(tracker.tick(seconds(120))) == [("am", "refresh")]
     assert kinds(tracker.tick(seconds(400))) == [("am", "resolved"), ("hook", "resolved")]
     assert tracker.tick(seconds(460)) == []
@@ -192,8 +192,8 @@ def test_alertmanager_targets_get_refreshes_outside_repeat_times() -> None:
 def test_restart_restores_firing_without_new_notice_and_keeps_counts() -> None:
     spec = make_spec(targets=(target("hook", interval=10, times=2),))
     tracker = AlertTracker(spec)
-    tracker.observe([GETS[0]], seconds(0))
-    tracker.observe([GETS[1]], seconds(5))
+    tracker.observe(1, GETS[0], seconds(0))
+    tracker.observe(1, GETS[1], seconds(5))
     saved = json.loads(json.dumps(tracker.snapshot()))  # it must survive JSON
 
     restored = AlertTracker.restore(spec, saved)
@@ -204,14 +204,14 @@ def test_restart_restores_firing_without_new_notice_and_keeps_counts() -> None:
     assert repeat[0].count == 1 and repeat[0].sequence == 2
     assert repeat[0].message == f"mayor-malware did get on {GETS[1]['objectRef']['resource']}"
     # times=2 was reached across the restart.
-    assert restored.observe([GETS[2]], seconds(30)) == []
+    assert restored.observe(1, GETS[2], seconds(30)) == []
     assert kinds(restored.tick(seconds(90))) == [("hook", "resolved")]
 
 
 def test_restore_of_resolved_alert_after_downtime_resolves_at_the_deadline() -> None:
     spec = make_spec()
     tracker = AlertTracker(spec)
-    tracker.observe([GETS[0]], seconds(0))
+    tracker.observe(1, GETS[0], seconds(0))
     restored = AlertTracker.restore(spec, tracker.snapshot())
     resolved = restored.tick(seconds(3600))
     assert [n.kind for n in resolved] == ["resolved"]
@@ -221,7 +221,7 @@ def test_restore_of_resolved_alert_after_downtime_resolves_at_the_deadline() -> 
 def test_spec_change_keeps_state_for_same_rule_and_resets_for_new_rule() -> None:
     spec = make_spec()
     tracker = AlertTracker(spec)
-    tracker.observe([GETS[0]], seconds(0))
+    tracker.observe(1, GETS[0], seconds(0))
 
     new_targets = make_spec(targets=(target("hook"), target("chat", "slack")), message="{verb}")
     kept = AlertTracker.restore(new_targets, tracker.snapshot())
@@ -234,7 +234,7 @@ def test_spec_change_keeps_state_for_same_rule_and_resets_for_new_rule() -> None
     changed = AlertTracker.restore(make_spec(rule_text='verb = "list"'), tracker.snapshot())
     assert changed.status()["state"] == "Listening"
     assert changed.status()["matches"] == 0
-    fired = changed.observe([GETS[0]], seconds(2))
+    fired = changed.observe(1, GETS[0], seconds(2))
     assert fired[0].kind == "firing" and fired[0].sequence == 2  # sequence never goes back
 
 

@@ -26,10 +26,18 @@ import auditwatch.engine as engine_module
 from auditwatch.config.build import build_alert, build_stream
 from auditwatch.config.model import AlertSpec, StreamSpec
 from auditwatch.engine import Engine
+from auditwatch.normalise import normalise
 from auditwatch.rules import ast
 from auditwatch.rules.evaluate import compile_rule
 
 SECRET_READS = 'objectRef.resource = "secrets" and (verb = "get" or verb = "list")'
+
+
+async def ingest(engine: Engine, events: list[dict[str, Any]]) -> dict[str, int]:
+    """What the receiver does with a decoded body: normalise it, then hand it to the engine."""
+    stream = engine.stream("audit")
+    assert stream is not None
+    return await engine.ingest(stream, normalise(events, received_at=engine.clock()))
 
 
 def no_secrets(namespace: str | None, name: str, key: str) -> str | None:
@@ -91,7 +99,7 @@ async def test_ingest_stores_and_fires_the_alert(
     reads = secret_reads(recon)
     assert reads, "the sample has secret reads"
 
-    counts = await engine.ingest(engine.stream("audit"), recon)  # type: ignore[arg-type]
+    counts = await ingest(engine, recon)
     await settle(engine)
 
     assert counts == {"received": len(recon), "stored": len(recon), "duplicates": 0}
@@ -111,7 +119,7 @@ async def test_config_change_keeps_state_unless_the_rule_changes(
     engine = Engine(tmp_path / "data")
     spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h")
     engine.apply(streams("audit"), alerts(spec))
-    await engine.ingest(engine.stream("audit"), recon)  # type: ignore[arg-type]
+    await ingest(engine, recon)
     reads = len(secret_reads(recon))
 
     # A new message (same stream, same rule): still firing, count continues, no new "firing".
@@ -120,7 +128,7 @@ async def test_config_change_keeps_state_unless_the_rule_changes(
     )
     engine.apply(streams("audit"), alerts(reworded))
     more = synthetic_events("more", 2, objectRef={"resource": "secrets", "name": "token"})
-    await engine.ingest(engine.stream("audit"), more)  # type: ignore[arg-type]
+    await ingest(engine, more)
     await settle(engine)
     status = alert_status(engine, spec.key)
     assert (status["state"], status["matches"]) == ("Firing", reads + 2)
@@ -134,7 +142,7 @@ async def test_config_change_keeps_state_unless_the_rule_changes(
     assert status["matches"] == 0
     creates = [e for e in recon if e.get("verb") == "create"]
     fresh = [e | {"auditID": "again-" + str(e["auditID"])} for e in creates]
-    await engine.ingest(engine.stream("audit"), fresh)  # type: ignore[arg-type]
+    await ingest(engine, fresh)
     await settle(engine)
     assert alert_status(engine, spec.key)["matches"] == len(creates) > 0
     assert len(sink.bodies("firing")) == 2
@@ -148,7 +156,7 @@ async def test_deleted_alert_stops_matching_at_once(
     spec = alert("secret-read", "audit", SECRET_READS, sink.url)
     engine.apply(streams("audit"), alerts(spec))
     engine.apply(streams("audit"), {})
-    await engine.ingest(engine.stream("audit"), recon)  # type: ignore[arg-type]
+    await ingest(engine, recon)
     await settle(engine)
     assert engine.status()["alerts"] == {}
     assert sink.received == []
@@ -176,7 +184,7 @@ async def test_state_survives_a_restart(
     spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
     first = Engine(data)
     first.apply(streams("audit"), alerts(spec))
-    await first.ingest(first.stream("audit"), recon)  # type: ignore[arg-type]
+    await ingest(first, recon)
     await settle(first)
     await first.close()
     reads = len(secret_reads(recon))
@@ -186,10 +194,10 @@ async def test_state_survives_a_restart(
     status = alert_status(second, spec.key)
     assert (status["state"], status["matches"]) == ("Firing", reads)
     # A batch the apiserver re-sends after the restart is still recognised.
-    again = await second.ingest(second.stream("audit"), recon)  # type: ignore[arg-type]
+    again = await ingest(second, recon)
     assert again["stored"] == 0
     more = synthetic_events("later", 1, objectRef={"resource": "secrets", "name": "x"})
-    await second.ingest(second.stream("audit"), more)  # type: ignore[arg-type]
+    await ingest(second, more)
     await settle(second)
     assert alert_status(second, spec.key)["matches"] == reads + 1
     assert len(sink.bodies("firing")) == 1, "a restored firing alert is not new"
@@ -218,7 +226,7 @@ async def test_a_failing_rule_does_not_fail_ingest(
     working = alert("secret-read", "audit", SECRET_READS, sink.url)
     engine.apply(streams("audit"), alerts(broken, working))
 
-    counts = await engine.ingest(engine.stream("audit"), recon)  # type: ignore[arg-type]
+    counts = await ingest(engine, recon)
     await settle(engine)
     assert counts["stored"] == len(recon)
     assert alert_status(engine, working.key)["matches"] == len(secret_reads(recon))
@@ -236,9 +244,9 @@ async def test_repeat_and_resolve_are_driven_by_run(
     engine.apply(streams("audit"), alerts(spec))
     stop = asyncio.Event()
     loop = asyncio.create_task(engine.run(stop))
-    await engine.ingest(engine.stream("audit"), recon)  # type: ignore[arg-type]
+    await ingest(engine, recon)
     more = synthetic_events("more", 1, objectRef={"resource": "secrets"}, verb="list")
-    await engine.ingest(engine.stream("audit"), more)  # type: ignore[arg-type]
+    await ingest(engine, more)
     repeat = await sink.wait_for("repeat", 3)
     assert (repeat.body["count"], repeat.body["event"]["auditID"]) == (1, "more-0")
     resolved = await sink.wait_for("resolved", 4)
@@ -256,7 +264,7 @@ async def test_alert_deleted_while_stopped_starts_afresh_when_created_again(
     spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
     first = Engine(data)
     first.apply(streams("audit"), alerts(spec))
-    await first.ingest(first.stream("audit"), recon)  # type: ignore[arg-type]
+    await ingest(first, recon)
     await settle(first)
     await first.close()
 

@@ -109,7 +109,7 @@ def make_spec(*targets: TargetSpec, **options: Any) -> AlertSpec:
 
 def fire(spec: AlertSpec) -> tuple[AlertTracker, list[Notice]]:
     tracker = AlertTracker(spec)
-    return tracker, tracker.observe([EXEC_EVENT], T0)
+    return tracker, tracker.observe(1, EXEC_EVENT, T0)
 
 
 def clock() -> datetime:
@@ -328,7 +328,7 @@ async def test_alertmanager_labels_stay_identical_and_resolve_ends_the_alert() -
         spec = make_spec(target, severity="critical", labels={"team": "sec", "alertname": "x"})
         tracker = AlertTracker(spec, refresh_interval=timedelta(seconds=30))
         async with Notifier(retry=FAST, clock=clock, generator_url="http://aw/status") as notifier:
-            await notifier.deliver_all(spec, tracker.observe([EXEC_EVENT], T0))
+            await notifier.deliver_all(spec, tracker.observe(1, EXEC_EVENT, T0))
             await notifier.deliver_all(spec, tracker.tick(T0 + timedelta(seconds=30)))
             await notifier.deliver_all(spec, tracker.tick(T0 + timedelta(seconds=90)))
     assert [path for path, _, _ in seen.requests] == ["/api/v2/alerts"] * 3
@@ -364,7 +364,7 @@ async def test_real_alertmanager_shows_then_clears_the_alert(alertmanager: str) 
     tracker = AlertTracker(spec)
     started = datetime.now(UTC) - timedelta(minutes=2)
     async with Notifier(retry=FAST) as notifier, aiohttp.ClientSession() as session:
-        await notifier.deliver_all(spec, tracker.observe([EXEC_EVENT], started))
+        await notifier.deliver_all(spec, tracker.observe(1, EXEC_EVENT, started))
         assert notifier.record(spec.key, "alertmanager").sent == 1
         active = await alertmanager_alerts(session, alertmanager)
         assert len(active) == 1

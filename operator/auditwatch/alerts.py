@@ -241,30 +241,34 @@ class AlertTracker:
 
     # -- feeding ----------------------------------------------------------------------------
 
-    def observe(self, matching_events: list[dict[str, Any]], now: datetime) -> list[Notice]:
-        """Take in events that matched the rule (in arrival order) and return notices now due.
+    def observe(self, count: int, latest: dict[str, Any], now: datetime) -> list[Notice]:
+        """Take in `count` events that matched the rule at `now`, the last of them `latest`.
 
+        Returns the notices now due. Only the count and the latest event matter (a repeat says
+        how many matched and shows the latest), so the caller need not materialise the others.
         A firing whose quiet period ended before `now` is resolved first, so a match after a long
         silence yields "resolved" for the old firing and then "firing" for the new one.
         """
         notices = self.tick(now)
-        if not matching_events:
+        if count <= 0:
             return notices
-        needed = max(self.spec.rule.repeats, 1)
-        for event in matching_events:
-            if not isinstance(event, dict):
-                raise TypeError(f"a matching event must be a JSON object, got {type(event)}")
-            self.total += 1
-            self.last_event = event
-            self.last_match_time = now
-            if self.state == "Firing":
-                for target in self._targets.values():
-                    target.unreported += 1
-                continue
+        if not isinstance(latest, dict):
+            raise TypeError(f"a matching event must be a JSON object, got {type(latest)}")
+        self.total += count
+        self.last_event = latest
+        self.last_match_time = now
+        unreported = count
+        if self.state != "Firing":
             window_start = now - self.spec.resolve_after
-            self._recent = [t for t in self._recent if t > window_start] + [now]
-            if len(self._recent) >= needed:
-                self._fire(now, len(self._recent))
+            recent = [t for t in self._recent if t > window_start]
+            missing = max(self.spec.rule.repeats, 1) - len(recent)
+            if count < missing:
+                self._recent = recent + [now] * count
+                return notices
+            self._fire(now, len(recent) + missing)
+            unreported = count - missing
+        for target in self._targets.values():
+            target.unreported += unreported
         return notices + self._due(now)
 
     def tick(self, now: datetime) -> list[Notice]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,6 +20,17 @@ import orjson
 from auditwatch import __version__
 
 ExistingFile = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+DEFAULT_DECODE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
+"""Decoding holds the GIL: worker processes put the other cores to work, one core left over."""
+
+DECODE_WORKERS = click.option(
+    "--decode-workers",
+    default=DEFAULT_DECODE_WORKERS,
+    type=click.IntRange(min=0),
+    show_default=True,
+    help="Processes that decode request bodies (0: threads of the main process).",
+)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -102,15 +114,18 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
+@DECODE_WORKERS
 @click.option("--log-level", default="info", show_default=True)
-def serve(resources: Path, data: Path, host: str, port: int, log_level: str) -> None:
+def serve(
+    resources: Path, data: Path, host: str, port: int, decode_workers: int, log_level: str
+) -> None:
     """Standalone: receive, store and alert with resources from YAML files, no cluster."""
     from auditwatch.serve import serve as run_serve
     from auditwatch.store import StoreLocked
 
     setup_logging(log_level)
     try:
-        asyncio.run(run_serve(resources, data, host=host, port=port))
+        asyncio.run(run_serve(resources, data, host=host, port=port, decode_workers=decode_workers))
     except StoreLocked as error:
         fail(str(error))
     except OSError as error:  # the port is taken, the data directory cannot be created, ...
@@ -122,13 +137,32 @@ def serve(resources: Path, data: Path, host: str, port: int, log_level: str) -> 
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
+@DECODE_WORKERS
 @click.option("--log-level", default="info", show_default=True)
-def run(data: Path, host: str, port: int, namespaces: tuple[str, ...], log_level: str) -> None:
+def run(
+    data: Path,
+    host: str,
+    port: int,
+    namespaces: tuple[str, ...],
+    decode_workers: int,
+    log_level: str,
+) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
-    from auditwatch.kube.operator import run_operator
+    from auditwatch.kube.operator import LeadershipLost, run_operator
 
     setup_logging(log_level)
-    asyncio.run(run_operator(data, host=host, port=port, namespaces=list(namespaces)))
+    try:
+        asyncio.run(
+            run_operator(
+                data,
+                host=host,
+                port=port,
+                namespaces=list(namespaces),
+                decode_workers=decode_workers,
+            )
+        )
+    except LeadershipLost as error:  # the Deployment restarts this replica as a standby
+        fail(f"leadership lost: {error}")
 
 
 @main.command()

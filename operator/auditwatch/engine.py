@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow.compute as pc
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
 from auditwatch.config.model import AlertSpec, ConfigError, StreamSpec
 from auditwatch.metrics import Metrics
-from auditwatch.normalise import normalise
+from auditwatch.normalise import EventBatch
 from auditwatch.notify import Notifier
 from auditwatch.rules.evaluate import CompiledRule, compile_rule
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
@@ -52,6 +53,15 @@ class _LiveAlert:
     spec: AlertSpec
     rule: CompiledRule
     tracker: AlertTracker
+
+
+@dataclass(frozen=True)
+class _Matched:
+    """What one request's events did to one alert."""
+
+    alert: _LiveAlert
+    count: int
+    latest: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -180,37 +190,38 @@ class Engine:
 
     # -- ingest -----------------------------------------------------------------------------
 
-    async def ingest(self, stream: StreamSpec, events: list[dict[str, Any]]) -> dict[str, int]:
-        """Keep `events` durably and run the stream's alerts on those not seen before.
+    async def ingest(self, stream: StreamSpec, batch: EventBatch) -> dict[str, int]:
+        """Keep a batch durably and run the stream's alerts on the events not seen before.
 
         Raises StorageUnavailable when nothing could be kept. Returns counts for the answer.
         """
         now = self.clock()
         alerts = self._by_stream.get(stream.name, ())
-        stored, matches = await asyncio.to_thread(
-            self._store_and_match, stream.name, events, now, alerts
-        )
-        self.metrics.events_received.labels(stream.name).inc(len(events))
+        stored, matches = await asyncio.to_thread(self._store_and_match, stream.name, batch, alerts)
+        received = len(batch)
+        self.metrics.events_received.labels(stream.name).inc(received)
         self.metrics.events_stored.labels(stream.name).inc(stored)
-        self.metrics.events_duplicate.labels(stream.name).inc(len(events) - stored)
-        for alert, matching in matches:
-            self.metrics.rule_matches.labels(alert.spec.key).inc(len(matching))
-            if self._alerts.get(alert.spec.key) is alert:  # not deleted meanwhile
-                self._deliver(alert.spec, alert.tracker.observe(matching, now))
+        self.metrics.events_duplicate.labels(stream.name).inc(received - stored)
+        for match in matches:
+            key = match.alert.spec.key
+            self.metrics.rule_matches.labels(key).inc(match.count)
+            if self._alerts.get(key) is match.alert:  # not deleted meanwhile
+                notices = match.alert.tracker.observe(match.count, match.latest, now)
+                self._deliver(match.alert.spec, notices)
         if matches:
             self._dirty = True
             self._wake()
-        return {"received": len(events), "stored": stored, "duplicates": len(events) - stored}
+        return {"received": received, "stored": stored, "duplicates": received - stored}
 
     def _store_and_match(
-        self,
-        stream: str,
-        events: list[dict[str, Any]],
-        now: datetime,
-        alerts: tuple[_LiveAlert, ...],
-    ) -> tuple[int, list[tuple[_LiveAlert, list[dict[str, Any]]]]]:
-        """CPU and disk work of one request, run in a worker thread."""
-        new = self.store.append(stream, normalise(events, received_at=now))
+        self, stream: str, batch: EventBatch, alerts: tuple[_LiveAlert, ...]
+    ) -> tuple[int, list[_Matched]]:
+        """Disk and rule work of one request, run in a worker thread.
+
+        Per alert only the number of matches and the last matching event are taken: that is all
+        a tracker needs, and it spares decoding the JSON of every matching event.
+        """
+        new = self.store.append(stream, batch)
         matches = []
         if len(new):
             for alert in alerts:
@@ -219,8 +230,10 @@ class Engine:
                 except Exception:  # the events are kept: a rule bug must not fail the request
                     logger.exception("alert %s: rule evaluation failed", alert.spec.key)
                     continue
-                if mask.true_count:
-                    matches.append((alert, new.filter(mask).events))
+                count = mask.true_count
+                if count:
+                    last = pc.indices_nonzero(mask)[-1].as_py()
+                    matches.append(_Matched(alert, count, new.event(last)))
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------

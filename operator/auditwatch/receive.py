@@ -9,19 +9,29 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 from aiohttp import web
 
 from auditwatch.config.model import IngestAuth, StreamSpec
 from auditwatch.credentials import parse_basic
 from auditwatch.decode import BodyTooLarge, DecodeError, UnsupportedEncoding, decode_body
 from auditwatch.metrics import Metrics
+from auditwatch.normalise import EventBatch, from_table, normalise
+from auditwatch.schema import EVENT_JSON
 from auditwatch.store import StorageUnavailable
 
 RETRY_AFTER_SECONDS = 5
+RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 """What a 503 asks senders to wait (the apiserver backs off from 10 s anyway; Vector obeys)."""
 
 
@@ -32,7 +42,9 @@ class Ingestor(Protocol):
 
     def stream(self, name: str) -> StreamSpec | None: ...
 
-    async def ingest(self, stream: StreamSpec, events: list[dict[str, Any]]) -> dict[str, int]: ...
+    def clock(self) -> datetime: ...
+
+    async def ingest(self, stream: StreamSpec, batch: EventBatch) -> dict[str, int]: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -99,35 +111,114 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_events(body: bytes, encoding: str | None, stream: StreamSpec) -> list[dict[str, Any]]:
-    """Decode a body and enforce the size limits; CPU work, run off the event loop.
+@dataclass(frozen=True)
+class Limits:
+    """A stream's size limits, as the decoding step needs them (picklable for worker processes)."""
 
-    The body limit holds after decompression too, so a small gzip bomb is refused as well.
+    body_bytes: int
+    event_bytes: int
+
+
+def prepare_batch(
+    body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+) -> EventBatch:
+    """Decode a body into a normalised batch and enforce the size limits.
+
+    CPU work, run off the event loop. The body limit holds after decompression too, so a small
+    gzip bomb is refused as well.
     """
     try:
-        events = decode_body(body, encoding, max_decoded_bytes=stream.max_body_bytes)
+        events = decode_body(body, encoding, max_decoded_bytes=limits.body_bytes)
     except BodyTooLarge as error:
         raise Rejected(413, "too_large", str(error)) from None
     except UnsupportedEncoding as error:
         raise Rejected(415, "unsupported_encoding", str(error)) from None
     except DecodeError as error:
         raise Rejected(400, "malformed", str(error)) from None
-    for index, event in enumerate(events):
-        size = len(orjson.dumps(event))
-        if size > stream.max_event_bytes:
-            raise Rejected(
-                413,
-                "event_too_large",
-                f"event {index} is {size} bytes, over the limit of {stream.max_event_bytes}",
+    batch = normalise(events, received_at=received_at)
+    sizes = pc.binary_length(batch.table[EVENT_JSON])
+    oversized = pc.indices_nonzero(pc.greater(sizes, limits.event_bytes))
+    if len(oversized):
+        index = oversized[0].as_py()
+        raise Rejected(
+            413,
+            "event_too_large",
+            f"event {index} is {sizes[index].as_py()} bytes, over the limit of "
+            f"{limits.event_bytes}",
+        )
+    return batch
+
+
+def prepare_batch_in_worker(
+    body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+) -> bytes | tuple[int, str, str]:
+    """`prepare_batch` in a worker process: the table as Arrow IPC bytes, or the rejection."""
+    try:
+        table = prepare_batch(body, encoding, limits, received_at).table
+    except Rejected as rejected:
+        return rejected.status, rejected.reason, rejected.message
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue())
+
+
+class Decoder:
+    """Runs `prepare_batch` in worker processes (`workers` > 0) or in a thread of this one.
+
+    Decoding JSON holds the GIL; in worker processes it uses the other cores and leaves this
+    process's GIL to the event loop (and to kopf, which shares it). The batch comes back as
+    Arrow IPC and its events are parsed again only where a rule or a notification needs them.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        return self._pool
+
+    async def prepare(
+        self, body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+    ) -> EventBatch:
+        if not self.workers:
+            return await asyncio.to_thread(prepare_batch, body, encoding, limits, received_at)
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(
+                self._executor(), prepare_batch_in_worker, body, encoding, limits, received_at
             )
-    return events
+        except BrokenProcessPool:  # a worker died (OOM-killed, say): start afresh next time
+            self._pool = None
+            raise Rejected(
+                503, "decoder_restarting", "a decoding worker died; retry", RETRY_HEADERS
+            ) from None
+        if isinstance(result, tuple):
+            raise Rejected(*result)
+        return from_table(pa.ipc.open_stream(result).read_all())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
 
 class Receiver:
     """The aiohttp application around an engine."""
 
-    def __init__(self, engine: Ingestor, max_in_flight: int = 32, max_processing: int = 2) -> None:
+    def __init__(
+        self,
+        engine: Ingestor,
+        *,
+        decode_workers: int = 0,
+        max_in_flight: int = 32,
+        max_processing: int = 2,
+    ) -> None:
         self.engine = engine
+        self.decoder = Decoder(decode_workers)
         # Requests being read or processed; past this, senders are told to retry (bounded memory).
         self.in_flight = asyncio.Semaphore(max_in_flight)
         # Batches being decoded and stored at once: CPU-bound, so about one per core.
@@ -135,6 +226,7 @@ class Receiver:
         # Limits are per stream (read_body), and decompression is decode_body's: aiohttp's own
         # would undo gzip before the handler sees it, and without the stream's size limit.
         self.app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
+        self.app.on_cleanup.append(self._close_decoder)
         self.app.add_routes(
             [
                 web.post("/api/v1/ingest", self.ingest_by_header),
@@ -169,21 +261,22 @@ class Receiver:
                     503,
                     "busy",
                     "too many batches in progress; retry later",
-                    {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                    RETRY_HEADERS,
                 )
             async with self.in_flight:
                 body = await read_body(request, stream.max_body_bytes)
                 async with self.processing:
-                    encoding = request.headers.get("Content-Encoding")
-                    events = await asyncio.to_thread(decode_events, body, encoding, stream)
+                    batch = await self.decoder.prepare(
+                        body,
+                        request.headers.get("Content-Encoding"),
+                        Limits(stream.max_body_bytes, stream.max_event_bytes),
+                        self.engine.clock(),
+                    )
                     try:
-                        result = await self.engine.ingest(stream, events)
+                        result = await self.engine.ingest(stream, batch)
                     except StorageUnavailable as error:
                         raise Rejected(
-                            503,
-                            "storage_unavailable",
-                            str(error),
-                            {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                            503, "storage_unavailable", str(error), RETRY_HEADERS
                         ) from None
         except Rejected as rejected:
             metrics.requests_rejected.labels(label, rejected.reason).inc()
@@ -193,6 +286,9 @@ class Receiver:
             return json_response(rejected.status, {"error": rejected.message}, rejected.headers)
         metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
         return json_response(200, result)
+
+    async def _close_decoder(self, app: web.Application) -> None:
+        self.decoder.close()
 
     async def liveness(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "alive"})

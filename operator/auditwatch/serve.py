@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -40,9 +41,11 @@ def apply_config_set(engine: Engine, config: ConfigSet) -> None:
     )
 
 
-async def start_receiver(engine: Engine, host: str, port: int) -> web.AppRunner:
+async def start_receiver(
+    engine: Engine, host: str, port: int, *, decode_workers: int = 0
+) -> web.AppRunner:
     """The receiver listening on host:port (port 0: any free port; see runner.addresses)."""
-    runner = web.AppRunner(Receiver(engine).app, access_log=None)
+    runner = web.AppRunner(Receiver(engine, decode_workers=decode_workers).app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -60,10 +63,15 @@ async def serve(
     *,
     host: str = "0.0.0.0",
     port: int = 8000,
+    decode_workers: int = 0,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Run until SIGTERM / SIGINT (or `stop`), then drain deliveries and flush storage."""
+    """Run until SIGTERM / SIGINT (or `stop`), then drain deliveries and flush storage.
+
+    `decode_workers` > 0 decodes request bodies in that many worker processes (see
+    `receive.Decoder`); 0 decodes in threads of this process.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -73,7 +81,7 @@ async def serve(
     engine = Engine(data)
     try:
         apply_config_set(engine, source.reload())
-        runner = await start_receiver(engine, host, port)
+        runner = await start_receiver(engine, host, port, decode_workers=decode_workers)
     except BaseException:
         await engine.close()
         raise
@@ -82,6 +90,7 @@ async def serve(
         asyncio.create_task(engine.run(stop), name="engine"),
         asyncio.create_task(follow(source, engine, stop), name="config"),
     ]
+    gc.freeze()  # start-up objects (config, modules) need no more scans by the cycle collector
     if ready is not None:
         ready.set()
     try:

@@ -543,8 +543,8 @@ def _redo_events(
     """`results`, with the rows in `redo` replaced by the event test on their raw events."""
     if not pc.any(redo).as_py():
         return results
-    events = ctx.batch.events
-    redone = [event_test(events[row]) for row in pc.indices_nonzero(redo).to_pylist()]
+    batch = ctx.batch
+    redone = [event_test(batch.event(row)) for row in pc.indices_nonzero(redo).to_pylist()]
     return pc.replace_with_mask(results, redo, pa.array(redone, type=pa.bool_()))
 
 
