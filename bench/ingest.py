@@ -511,6 +511,8 @@ async def run(args: argparse.Namespace, workload: Workload, work: Path) -> dict[
         "--log-level",
         "warning",
     ]
+    if args.decode_workers is not None:
+        command += ["--decode-workers", str(args.decode_workers)]
     with open(log_path, "wb") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
@@ -717,6 +719,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="keep resources, data and server log here")
     parser.add_argument("--profile", type=Path, help="py-spy raw profile of the server to FILE")
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument(
+        "--decode-workers", type=int, help="the server's --decode-workers (default: its own)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to FILE")
     args = parser.parse_args()
 

@@ -258,12 +258,17 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def running_receiver(resources: Path, data: Path) -> AsyncIterator[Running]:
-    """Engine + receiver + background loop on a free loopback port; closed (flushed) on exit."""
+async def running_receiver(
+    resources: Path, data: Path, decode_workers: int = 0
+) -> AsyncIterator[Running]:
+    """Engine + receiver + background loop on a free loopback port; closed (flushed) on exit.
+
+    `decode_workers` > 0 decodes bodies in worker processes, as `auditwatch serve` does.
+    """
     source = DirectorySource(resources)
     engine = Engine(data)
     apply_config_set(engine, source.reload())
-    runner = await start_receiver(engine, "127.0.0.1", 0)
+    runner = await start_receiver(engine, "127.0.0.1", 0, decode_workers=decode_workers)
     host, port = runner.addresses[0][:2]
     stop = asyncio.Event()
     loop = asyncio.create_task(engine.run(stop))

@@ -8,6 +8,7 @@ had not acknowledged again (the apiserver retries those), and finally stops with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,7 +53,11 @@ class Server:
         command = [sys.executable, "-m", "auditwatch", "serve", "--resources", str(self.resources)]
         command += ["--data", str(self.data), "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+            # A session of its own: a crash kills the server with its decoding workers, as the
+            # kernel's OOM killer or a container runtime would, and leaves no orphans behind.
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=log, start_new_session=True
+            )
 
     async def ready(self, session: aiohttp.ClientSession) -> None:
         async def answers() -> bool:
@@ -66,8 +71,12 @@ class Server:
         await eventually(answers, 30, "server readiness", step=0.1)
 
     def signal(self, signum: int) -> None:
+        """SIGKILL hits the whole process group; other signals the server alone."""
         assert self.process is not None
-        self.process.send_signal(signum)
+        if signum == signal.SIGKILL:
+            os.killpg(self.process.pid, signum)
+        else:
+            self.process.send_signal(signum)
 
     def wait(self) -> int:
         assert self.process is not None
@@ -81,8 +90,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     write_yaml(resources / "alert.yaml", alert_doc("gets", "crash", 'verb = "get"', None))
     running = Server(resources, tmp_path / "data", free_port(), tmp_path / "server.log")
     yield running
-    if running.process is not None and running.process.poll() is None:
-        running.process.kill()
+    if running.process is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(running.process.pid, signal.SIGKILL)
         running.process.wait()
 
 

@@ -7,6 +7,7 @@ back from storage with `auditwatch.store.query`.
 from __future__ import annotations
 
 import gzip
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,15 @@ from auditwatch.store import StorageUnavailable, Store
 LIST_RULE = 'verb = "list"'
 
 
+IN_THREADS_AND_WORKERS = pytest.mark.parametrize(
+    "server", [0, 1], ids=["in-process", "decode-worker"], indirect=True
+)
+"""Run a test both ways the receiver decodes: in threads, and in a worker process (serve's
+default), whose batches come back through a memory-mapped handoff file."""
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Running]:
+async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
     """Streams: open (alert on lists), copy, small (body limit), strict (event limit), basic,
     bearer, broken; no alert targets (notifications are test_serve's)."""
     resources = tmp_path / "resources"
@@ -57,7 +65,7 @@ async def server(tmp_path: Path) -> AsyncIterator[Running]:
     )
     write_yaml(resources / "alert.yaml", alert_doc("lists", "open", LIST_RULE, None))
     data = tmp_path / "data"
-    async with running_receiver(resources, data) as running:
+    async with running_receiver(resources, data, getattr(request, "param", 0)) as running:
         yield running
 
 
@@ -169,6 +177,7 @@ async def alert_matches(session: aiohttp.ClientSession, server: Running) -> int:
     return matches
 
 
+@IN_THREADS_AND_WORKERS
 @pytest.mark.parametrize("shape_name", SHAPES)
 async def test_every_body_shape_is_stored_once_as_sent(
     shape_name: str, samples: Path, server: Running, session: aiohttp.ClientSession
@@ -370,6 +379,7 @@ async def test_missing_stream_header_is_a_400(
     assert "X-P-Stream" in answer.body["error"]
 
 
+@IN_THREADS_AND_WORKERS
 async def test_gzip_header_on_a_plain_body_is_a_400(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
@@ -415,6 +425,7 @@ async def test_chunked_body_over_the_limit_is_a_413(
     assert stored(server.data, "small") == []
 
 
+@IN_THREADS_AND_WORKERS
 async def test_an_event_over_max_event_bytes_refuses_the_whole_body(
     samples: Path, server: Running, session: aiohttp.ClientSession
 ) -> None:
@@ -578,3 +589,25 @@ async def test_health_metrics_and_status(
     assert alert["conditions"][0]["type"] == "Ready"
     assert alert["conditions"][0]["status"] == "True"
     assert alert["observedGeneration"] == 1
+
+
+def handoff_folders() -> set[Path]:
+    roots = [Path(tempfile.gettempdir()), Path("/dev/shm")]
+    return {folder for root in roots for folder in root.glob("auditwatch-decode-*")}
+
+
+async def test_decode_workers_leave_no_handoff_files(tmp_path: Path, samples: Path) -> None:
+    """Batches handed back by worker processes are unlinked once mapped, the folder on close."""
+    resources = tmp_path / "resources"
+    write_yaml(resources / "streams.yaml", stream_doc("open"))
+    before = handoff_folders()
+    async with (
+        running_receiver(resources, tmp_path / "data", decode_workers=1) as running,
+        aiohttp.ClientSession() as session,
+    ):
+        events = sample_events(samples, "impersonation-and-403s.log")
+        answer = await post(session, running.url + "/api/v1/logstream/open", event_list(events))
+        assert answer.status == 200 and answer.body["stored"] == len(events)
+        ours = handoff_folders() - before
+        assert len(ours) == 1 and not any(next(iter(ours)).iterdir())
+    assert not any(folder.exists() for folder in ours)

@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import multiprocessing
+import os
+import shutil
+import tempfile
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -150,17 +154,27 @@ def prepare_batch(
 
 
 def prepare_batch_in_worker(
-    body: bytes, encoding: str | None, limits: Limits, received_at: datetime
-) -> bytes | tuple[int, str, str]:
-    """`prepare_batch` in a worker process: the table as Arrow IPC bytes, or the rejection."""
+    body: bytes, encoding: str | None, limits: Limits, received_at: datetime, handoff: str
+) -> str | tuple[int, str, str]:
+    """`prepare_batch` in a worker process: the path of the table as an Arrow IPC file in the
+    `handoff` directory, or the rejection."""
     try:
         table = prepare_batch(body, encoding, limits, received_at).table
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    path = os.path.join(handoff, f"{os.getpid()}-{uuid.uuid4().hex}.arrows")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return bytes(sink.getvalue())
+    return path
+
+
+def handoff_directory() -> str:
+    """A directory in memory (/dev/shm where there is one) through which workers hand batches
+    back: a memory-mapped file costs the receiving process no copy, where a pipe costs it a
+    pickle and a copy of every byte."""
+    shm = "/dev/shm"
+    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="auditwatch-decode-", dir=parent)
 
 
 class Decoder:
@@ -174,12 +188,15 @@ class Decoder:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._handoff: str | None = None
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def _executor(self) -> tuple[ProcessPoolExecutor, str]:
         if self._pool is None:
             context = multiprocessing.get_context("forkserver")
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-        return self._pool
+        if self._handoff is None:
+            self._handoff = handoff_directory()
+        return self._pool, self._handoff
 
     async def prepare(
         self, body: bytes, encoding: str | None, limits: Limits, received_at: datetime
@@ -187,9 +204,10 @@ class Decoder:
         if not self.workers:
             return await asyncio.to_thread(prepare_batch, body, encoding, limits, received_at)
         loop = asyncio.get_running_loop()
+        pool, handoff = self._executor()
         try:
             result = await loop.run_in_executor(
-                self._executor(), prepare_batch_in_worker, body, encoding, limits, received_at
+                pool, prepare_batch_in_worker, body, encoding, limits, received_at, handoff
             )
         except BrokenProcessPool:  # a worker died (OOM-killed, say): start afresh next time
             self._pool = None
@@ -198,12 +216,19 @@ class Decoder:
             ) from None
         if isinstance(result, tuple):
             raise Rejected(*result)
-        return from_table(pa.ipc.open_stream(result).read_all())
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(result)).read_all()
+        finally:
+            os.unlink(result)  # the mapping outlives the name
+        return from_table(table)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        if self._handoff is not None:
+            shutil.rmtree(self._handoff, ignore_errors=True)
+            self._handoff = None
 
 
 class Receiver:
