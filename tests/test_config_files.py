@@ -92,9 +92,10 @@ def test_alert_of_an_unknown_stream_is_invalid(tmp_path: Path) -> None:
     write(tmp_path / "alert.yaml", alert_yaml())
     config = load_directory(tmp_path)
     assert config.alerts == {}
-    problem = config.invalid_alerts["default/secret-read"]
+    invalid = config.invalid_alerts["default/secret-read"]
+    assert (invalid.reason, invalid.stream) == ("StreamNotFound", "auditdemo")
+    [problem] = config.errors
     assert (problem.reason, problem.resource) == ("StreamNotFound", "AuditAlert/secret-read")
-    assert config.errors == [problem]
 
 
 def test_alert_of_an_unusable_stream_is_invalid_too(tmp_path: Path) -> None:
@@ -111,7 +112,8 @@ def test_bad_rule_makes_only_that_alert_invalid(tmp_path: Path) -> None:
     write(tmp_path / "alerts.yaml", f"{alert_yaml()}---\n{broken}")
     config = load_directory(tmp_path)
     assert list(config.alerts) == ["default/secret-read"]
-    problem = config.invalid_alerts["default/broken"]
+    assert config.invalid_alerts["default/broken"].reason == "InvalidRule"
+    [problem] = config.errors
     assert problem.reason == "InvalidRule"
     assert str(problem).startswith(
         f"{tmp_path / 'alerts.yaml'}: AuditAlert/broken: spec.rule.config"

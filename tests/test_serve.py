@@ -257,14 +257,6 @@ async def test_broken_yaml_keeps_the_old_config_and_alert_files_come_and_go(
     assert ALERT_KEY in (await standalone.status())["alerts"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve.apply_config_set builds InvalidAlert(namespace, name, None, ...): in "
-    "standalone mode an Invalid alert's status (and `auditwatch status`) shows no stream, "
-    "while Engine.apply keeps spec.stream; fix: let config.files record each invalid alert's "
-    "spec.stream (e.g. a `stream` field on ResourceError or a (error, stream) value in "
-    "ConfigSet.invalid_alerts) and pass it to InvalidAlert",
-)
 async def test_invalid_alert_status_names_its_stream(tmp_path: Path) -> None:
     resources = tmp_path / "resources"
     write_yaml(resources / "stream.yaml", stream_doc("audit"))

@@ -25,7 +25,7 @@ import orjson
 import pyarrow.compute as pc
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
-from auditwatch.config.model import AlertSpec, ConfigError, StreamSpec
+from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
 from auditwatch.notify import Notifier
@@ -62,18 +62,6 @@ class _Matched:
     alert: _LiveAlert
     count: int
     latest: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class InvalidAlert:
-    """An AuditAlert that cannot run: its status says Invalid with this reason."""
-
-    namespace: str
-    name: str
-    stream: str | None
-    reason: str
-    message: str
-    generation: int = 1
 
 
 class Engine:

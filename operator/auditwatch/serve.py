@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from auditwatch.config.files import ConfigSet, DirectorySource
-from auditwatch.engine import Engine, InvalidAlert
+from auditwatch.engine import Engine
 from auditwatch.receive import Receiver
 
 logger = logging.getLogger(__name__)
@@ -25,18 +25,15 @@ logger = logging.getLogger(__name__)
 
 def apply_config_set(engine: Engine, config: ConfigSet) -> None:
     """Put what a resources directory defines in force; log what is wrong with it."""
-    invalid = {}
-    for key, error in config.invalid_alerts.items():
-        namespace, _, name = key.partition("/")
-        invalid[key] = InvalidAlert(namespace, name, None, error.reason, error.message)
     for error in config.errors:
         logger.error("%s", error)
-    engine.apply(config.streams, config.alerts, invalid, [str(error) for error in config.errors])
+    problems = [str(error) for error in config.errors]
+    engine.apply(config.streams, config.alerts, config.invalid_alerts, problems)
     logger.info(
         "configuration: %d stream(s), %d alert(s), %d invalid, %d problem(s)",
         len(config.streams),
         len(config.alerts),
-        len(invalid),
+        len(config.invalid_alerts),
         len(config.errors),
     )
 

@@ -20,6 +20,7 @@ from auditwatch.config.model import (
     AlertSpec,
     ConfigError,
     IngestAuth,
+    InvalidAlert,
     RepeatSpec,
     StreamSpec,
     TargetSpec,
@@ -258,6 +259,22 @@ def _credentials(
         field = f"{where}.passwordSecretRef"
         return target["username"], _secret(secrets, namespace, ref["name"], ref["key"], field)
     return target.get("username"), None
+
+
+def invalid_alert(resource: Mapping[str, Any], error: ConfigError) -> InvalidAlert:
+    """What the status of an AuditAlert that `build_alert` or `check_stream` refused shows."""
+    metadata = resource.get("metadata") or {}
+    spec = resource.get("spec")
+    stream = spec.get("stream") if isinstance(spec, Mapping) else None
+    generation = metadata.get("generation")
+    return InvalidAlert(
+        namespace=metadata.get("namespace") or DEFAULT_NAMESPACE,
+        name=str(metadata.get("name", "")),
+        stream=stream if isinstance(stream, str) else None,
+        reason=error.reason,
+        message=error.message,
+        generation=generation if isinstance(generation, int) else 1,
+    )
 
 
 def check_stream(alert: AlertSpec, streams: Collection[str]) -> None:

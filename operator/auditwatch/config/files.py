@@ -25,8 +25,9 @@ from auditwatch.config.build import (
     build_alert,
     build_stream,
     check_stream,
+    invalid_alert,
 )
-from auditwatch.config.model import AlertSpec, ConfigError, StreamSpec
+from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.config.schema import GROUP, KINDS
 
 YAML_SUFFIXES = frozenset({".yaml", ".yml"})
@@ -137,7 +138,7 @@ class ConfigSet:
     streams: dict[str, StreamSpec] = field(default_factory=dict)
     alerts: dict[str, AlertSpec] = field(default_factory=dict)
     """Usable alerts by `namespace/name`."""
-    invalid_alerts: dict[str, ResourceError] = field(default_factory=dict)
+    invalid_alerts: dict[str, InvalidAlert] = field(default_factory=dict)
     """Alerts (by `namespace/name`) whose status is Invalid, with the reason and message."""
     errors: list[ResourceError] = field(default_factory=list)
     """Every problem found, invalid alerts included."""
@@ -236,16 +237,15 @@ def assemble(files: dict[Path, list[Any]], errors: list[ResourceError]) -> Confi
             continue
         streams[stream.name] = stream
     alerts: dict[str, AlertSpec] = {}
-    invalid_alerts: dict[str, ResourceError] = {}
+    invalid_alerts: dict[str, InvalidAlert] = {}
     for key, document in by_kind["AuditAlert"]:
         try:
             alert = build_alert(document.body, lookup)
             check_stream(alert, streams)
         except ConfigError as error:
-            invalid = ResourceError(document.file, document.name, error.reason, error.message)
-            errors.append(invalid)
+            errors.append(ResourceError(document.file, document.name, error.reason, error.message))
             if key is not None:
-                invalid_alerts[key] = invalid
+                invalid_alerts[key] = invalid_alert(document.body, error)
             continue
         alerts[alert.key] = alert
     return ConfigSet(streams, alerts, invalid_alerts, errors)

@@ -117,3 +117,19 @@ class AlertSpec:
     def key(self) -> str:
         """`namespace/name`: unique across alerts, used for state, status and metrics."""
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class InvalidAlert:
+    """An AuditAlert that cannot run: its status says Invalid with this reason and message."""
+
+    namespace: str
+    name: str
+    stream: str | None
+    reason: str
+    message: str
+    generation: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

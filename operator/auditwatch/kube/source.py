@@ -21,10 +21,9 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from auditwatch.config.build import DEFAULT_NAMESPACE, build_alert, build_stream
-from auditwatch.config.model import AlertSpec, ConfigError, StreamSpec
+from auditwatch.config.build import DEFAULT_NAMESPACE, build_alert, build_stream, invalid_alert
+from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.config.schema import KINDS
-from auditwatch.engine import InvalidAlert
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +215,7 @@ class ResourceCache:
             elif built.error is not None and kind == "AuditStream":
                 invalid_streams[key] = built.error
             elif built.error is not None:
-                invalid_alerts[key] = _invalid_alert(body, built.error)
+                invalid_alerts[key] = invalid_alert(body, built.error)
         self._referenced = frozenset().union(*(built.secrets for built in self._built.values()))
         self._secrets = {
             key: value for key, value in self._secrets.items() if key in self._referenced
@@ -239,21 +238,6 @@ class ResourceCache:
         except ConfigError as error:
             return _Built(body, frozenset(used), None, error)
         return _Built(body, frozenset(used), spec, None)
-
-
-def _invalid_alert(body: Mapping[str, Any], error: ConfigError) -> InvalidAlert:
-    metadata = body.get("metadata") or {}
-    spec = body.get("spec")
-    stream = spec.get("stream") if isinstance(spec, Mapping) else None
-    generation = metadata.get("generation")
-    return InvalidAlert(
-        namespace=metadata.get("namespace") or DEFAULT_NAMESPACE,
-        name=metadata["name"],
-        stream=stream if isinstance(stream, str) else None,
-        reason=error.reason,
-        message=error.message,
-        generation=generation if isinstance(generation, int) else 1,
-    )
 
 
 class KubeSource:
