@@ -177,16 +177,22 @@ async def test_alert_on_an_unknown_stream_is_invalid(tmp_path: Path) -> None:
     await engine.close()
 
 
-async def test_state_survives_a_restart(
-    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
-) -> None:
-    data = tmp_path / "data"
+async def fired_and_closed(data: Path, sink: WebhookSink, recon: list[dict[str, Any]]) -> AlertSpec:
+    """An engine on `data` whose secret-read alert fired on `recon`, then shut down."""
     spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
     first = Engine(data)
     first.apply(streams("audit"), alerts(spec))
     await ingest(first, recon)
     await settle(first)
     await first.close()
+    return spec
+
+
+async def test_state_survives_a_restart(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    data = tmp_path / "data"
+    spec = await fired_and_closed(data, sink, recon)
     reads = len(secret_reads(recon))
 
     second = Engine(data)
@@ -261,12 +267,7 @@ async def test_alert_deleted_while_stopped_starts_afresh_when_created_again(
     tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
 ) -> None:
     data = tmp_path / "data"
-    spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
-    first = Engine(data)
-    first.apply(streams("audit"), alerts(spec))
-    await ingest(first, recon)
-    await settle(first)
-    await first.close()
+    spec = await fired_and_closed(data, sink, recon)
 
     without = Engine(data)
     without.apply(streams("audit"), {})

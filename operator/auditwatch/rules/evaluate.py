@@ -110,7 +110,7 @@ def _compile(expr: Expr) -> _Node:
         return _Not(_compile(expr.operand))
     if isinstance(expr, And | Or):
         operands = sorted((_compile(operand) for operand in expr.operands), key=_cost)
-        return _And(operands) if isinstance(expr, And) else _Or(operands)
+        return _Junction(operands, conjunctive=isinstance(expr, And))
     if isinstance(expr, Compare | Exists):
         return _compile_leaf(expr)
     raise TypeError(f"not a rule expression: {expr!r}")
@@ -565,50 +565,29 @@ class _Not:
 
 
 @dataclass(frozen=True)
-class _And:
-    """Cheapest operands first; a slow operand only sees the rows still true."""
+class _Junction:
+    """`and` / `or`, cheapest operands first: a slow operand only sees the rows still undecided
+    (true so far for `and`, not yet true for `or`)."""
 
     operands: list[_Node]
+    conjunctive: bool
 
     @property
     def cost(self) -> int:
         return max(operand.cost for operand in self.operands)
 
     def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
+        combine = pc.and_ if self.conjunctive else pc.or_
         result: pa.BooleanArray | None = None
         for operand in self.operands:
             if operand.cost == VECTORISED or result is None:
                 narrowed = rows
             else:
-                narrowed = _and_rows(result, rows)
+                undecided = result if self.conjunctive else pc.invert(result)
+                narrowed = _and_rows(undecided, rows)
                 if not pc.any(narrowed).as_py():
                     break
             value = operand.evaluate(ctx, narrowed)
-            result = value if result is None else pc.and_(result, value)
-        assert result is not None
-        return result
-
-
-@dataclass(frozen=True)
-class _Or:
-    """Cheapest operands first; a slow operand only sees the rows not yet true."""
-
-    operands: list[_Node]
-
-    @property
-    def cost(self) -> int:
-        return max(operand.cost for operand in self.operands)
-
-    def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
-        result: pa.BooleanArray | None = None
-        for operand in self.operands:
-            if operand.cost == VECTORISED or result is None:
-                narrowed = rows
-            else:
-                narrowed = _and_rows(pc.invert(result), rows)
-                if not pc.any(narrowed).as_py():
-                    break
-            value = operand.evaluate(ctx, narrowed)
-            result = value if result is None else pc.or_(result, value)
+            result = value if result is None else combine(result, value)
         assert result is not None
         return result
