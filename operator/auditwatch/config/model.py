@@ -41,15 +41,6 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class SecretKeyRef:
-    """A key of a Secret. In standalone mode the Secret is a YAML file in the resources folder."""
-
-    name: str
-    key: str
-    namespace: str | None = None
-
-
-@dataclass(frozen=True)
 class IngestAuth:
     """Credentials a sender must present to a stream: basic auth, or a bearer token."""
 

@@ -173,9 +173,6 @@ class ResourceCache:
     def body(self, kind: str, key: str) -> dict[str, Any] | None:
         return self._bodies.get((kind, key))
 
-    def referenced_secrets(self) -> frozenset[SecretKey]:
-        return self._referenced
-
     def set_secret(self, namespace: str, name: str, secret: Mapping[str, Any] | None) -> bool:
         """Record a Secret's current content (None: it does not exist).
 

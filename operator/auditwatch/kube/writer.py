@@ -70,8 +70,6 @@ class StatusWriter:
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         """(kind, key) -> (uid, status) as last patched by this process."""
         self._wakeup = asyncio.Event()
-        self.patches = 0
-        """Status patches sent, for tests and logs."""
 
     def poke(self) -> None:
         """Write soon (the configuration changed), still no more often than the interval."""
@@ -141,7 +139,6 @@ class StatusWriter:
                 if error.status != 404:  # 404: deleted meanwhile, nothing to write
                     logger.warning("%s %s: status not written: %s", kind, key, error)
                 continue
-            self.patches += 1
             patched += 1
             self._written[(kind, key)] = (observed.uid, desired)
             await self._post_transition_events(kind, body, observed.uid, previous, desired)
