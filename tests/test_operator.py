@@ -28,9 +28,12 @@ from aiohttp import web
 from tests.kubefake import KubeFake, fast_settings
 
 from auditwatch.kube.api import GROUP, PLURALS, VERSION, ApiError, KubeApi, load_configuration
+from auditwatch.kube.leader import RECEIVER_ANNOTATION
 from auditwatch.kube.operator import OperatorOptions, Running, run_operator
+from auditwatch.receive import FORWARDED_HEADER
 from auditwatch.rules.parse import parse_expression
 from auditwatch.rules.reference import matches
+from auditwatch.store import query
 
 REPO = Path(__file__).resolve().parent.parent
 FIRST_RULE = 'objectRef.resource = "secrets" or objectRef.resource = "events"'
@@ -220,6 +223,11 @@ def sample_events(samples: Path, round_: int) -> list[dict[str, Any]]:
 def count(rule: str, events: list[dict[str, Any]]) -> int:
     expression = parse_expression(rule)
     return sum(matches(expression, event) for event in events)
+
+
+def canonical(events: Any) -> list[str]:
+    """Events as sorted canonical JSON: compares two collections as multisets."""
+    return sorted(json.dumps(event, sort_keys=True) for event in events)
 
 
 @contextlib.asynccontextmanager
@@ -526,65 +534,124 @@ def free_port() -> int:
         return port
 
 
-async def test_one_replica_leads_the_other_stands_by_then_takes_over(
+async def test_one_replica_leads_the_other_forwards_ingest_to_it_then_takes_over(
     fake_cluster: Cluster, kube_fake: KubeFake, samples: Path, tmp_path: Path
 ) -> None:
     await fake_cluster.create(stream_body("auditdemo", "auditwatch"))
     await fake_cluster.create(secret("auditdemo-ingest", "auditwatch", username="u", password="p"))
+    await fake_cluster.create(secret("recon-hook", "team", token="Bearer one"))
     auth = ("u", "p")
-    standby_url = f"http://127.0.0.1:{free_port()}"
-    standby_stop = asyncio.Event()
+    follower_url = f"http://127.0.0.1:{free_port()}"
+    follower_stop = asyncio.Event()
 
-    def holder() -> str | None:
+    def leased() -> tuple[str | None, str | None]:
+        """The Lease's holder and the receiver it advertises."""
         lease = kube_fake.store.get("leases", "auditwatch", "auditwatch")
-        return lease["spec"].get("holderIdentity")  # type: ignore[no-any-return]
+        annotations = lease["metadata"].get("annotations") or {}
+        return lease["spec"].get("holderIdentity"), annotations.get(RECEIVER_ANNOTATION)
 
     # No kept-alive connections: the leader's kopf, stopping, cancels the server side of any
-    # connection opened while it ran, the standby's included (one process plays two pods here).
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+    # connection opened while it ran, the follower's included (one process plays two pods here).
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        webhook_sink() as sink,
+    ):
+        await fake_cluster.create(alert_body("recon", "team", "auditdemo", FIRST_RULE, sink.url))
 
         async def readiness(url: str) -> tuple[int, str]:
             async with http.get(f"{url}/api/v1/readiness") as response:
                 return response.status, (await response.json())["reason"]
 
-        # The standby starts first but finds the Lease held (kopf, when it stops, cancels the
-        # tasks created after it started: in one process the standby must predate the leader).
+        async def listening() -> bool:
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                return bool(await readiness(follower_url))
+            return False
+
+        # The follower starts first but finds the Lease held (kopf, when it stops, cancels the
+        # tasks created after it started: in one process the follower must predate the leader).
         kube_fake.store.create("leases", lease("leader"), "auditwatch")
-        standby = asyncio.create_task(
+        follower = asyncio.create_task(
             run_operator(
-                tmp_path / "standby",
+                tmp_path / "follower",
                 host="127.0.0.1",
-                port=int(standby_url.rsplit(":", 1)[1]),
+                port=int(follower_url.rsplit(":", 1)[1]),
                 namespaces=[],
-                options=fast_options(identity="standby"),
-                stop=standby_stop,
+                options=fast_options(identity="follower"),
+                stop=follower_stop,
             )
         )
-        async with operator(tmp_path / "leader", fast_options(identity="leader")) as (_, url, _t):
-            assert holder() == "leader"
-            assert (await post(http, url, "auditdemo", sample_events(samples, 1), auth))[0] == 200
-            assert await readiness(url) == (200, "ok")
-            await asyncio.sleep(1.0)  # several renewals: the standby must still be waiting
-            assert not standby.done() and holder() == "leader"
-            status, reason = await readiness(standby_url)
-            assert status == 503 and "standby" in reason
-            status, answer = await post(http, standby_url, "auditdemo", [], auth)
-            assert status == 503 and "standby" in answer["error"]
-            assert not (tmp_path / "standby").exists()  # a standby keeps its hands off storage
-        # The leader released the Lease on its way out: the standby takes over at once.
-        await kube_fake.store.wait_for(lambda: holder() == "standby", timeout=WAIT)
+        await until(listening, "the follower's receiver listening")
+        # A holder that advertises no receiver: nowhere to forward, so not ready, and 503.
+        status, reason = await readiness(follower_url)
+        assert status == 503 and "standby" in reason
+        status, answer = await post(http, follower_url, "auditdemo", [], auth)
+        assert status == 503 and "standby" in answer["error"]
+
+        leader_data = tmp_path / "leader"
+        first = sample_events(samples, 1)
+        async with operator(leader_data, fast_options(identity="leader")) as (_, url, _t):
+            assert leased() == ("leader", url)
+
+            async def forwarding() -> bool:
+                return await readiness(follower_url) == (200, f"forwarding to the leader at {url}")
+
+            await until(forwarding, "the follower ready to forward")
+
+            # A batch posted to the follower: the leader's answer, stored and counted there.
+            status, answer = await post(http, follower_url, "auditdemo", first, auth)
+            assert (status, answer["stored"]) == (200, len(first))
+            expected = count(FIRST_RULE, first)
+            obj = await fake_cluster.wait_for(
+                "AuditAlert",
+                "recon",
+                lambda o: o.get("status", {}).get("matches") == expected,
+                "team",
+            )
+            assert obj["status"]["state"] == "Firing"
+
+            # The leader's refusals, as the leader words them.
+            async with http.post(
+                f"{follower_url}/api/v1/logstream/auditdemo",
+                data=b"{not json",
+                headers={"Authorization": "Basic " + base64.b64encode(b"u:p").decode()},
+            ) as response:
+                assert response.status == 400 and response.content_type == "application/json"
+                assert (await response.json())["error"]
+            assert (await post(http, follower_url, "auditdemo", first, ("u", "wrong")))[0] == 403
+
+            # Forwarded once only: a request forwarded already is refused, not passed on.
+            async with http.post(
+                f"{follower_url}/api/v1/logstream/auditdemo",
+                json=sample_events(samples, 9),
+                headers={FORWARDED_HEADER: "1"},
+            ) as response:
+                assert response.status == 503 and response.headers["Retry-After"]
+
+            async with http.get(f"{follower_url}/api/v1/status") as response:
+                problems = (await response.json())["problems"]
+            assert problems == [f"follower: see the leader at {url}"]
+            async with http.get(f"{follower_url}/metrics") as response:
+                metrics = await response.text()
+            assert 'auditwatch_requests_forwarded_total{code="200"} 1.0' in metrics
+            assert not (tmp_path / "follower").exists()  # a follower keeps its hands off storage
+        # Stopped, the leader flushed what the follower forwarded into its own store.
+        assert canonical(query(leader_data, "auditdemo")) == canonical(first)
+
+        # The leader released the Lease on its way out: the follower takes over at once.
+        await kube_fake.store.wait_for(lambda: leased() == ("follower", follower_url), timeout=WAIT)
 
         async def serving() -> bool:
-            return (await readiness(standby_url))[0] == 200
+            return (await readiness(follower_url)) == (200, "ok")
 
         await until(serving, "the new leader ready")
-        events = sample_events(samples, 2)
-        status, answer = await post(http, standby_url, "auditdemo", events, auth)
-        assert (status, answer["stored"]) == (200, len(events))
-    standby_stop.set()
+        second = sample_events(samples, 2)
+        status, answer = await post(http, follower_url, "auditdemo", second, auth)
+        assert (status, answer["stored"]) == (200, len(second))
+    follower_stop.set()
     async with asyncio.timeout(WAIT):
-        await standby
-    assert holder() is None  # released again on the way out
+        await follower
+    assert leased() == (None, None)  # released again on the way out
+    assert canonical(query(tmp_path / "follower", "auditdemo")) == canonical(second)
 
 
 @pytest.mark.skipif(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import gzip
 import tempfile
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +18,16 @@ import aiohttp
 import orjson
 import pytest
 import zstandard
+from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e_support import (
     LOG_SAMPLES,
     Running,
+    WebhookSink,
     alert_doc,
     basic_auth,
     canonical,
+    free_port,
     get_json,
     post,
     read_lines,
@@ -34,6 +39,10 @@ from tests.e2e_support import (
     write_yaml,
 )
 
+from auditwatch.config.model import StreamSpec
+from auditwatch.metrics import Metrics
+from auditwatch.normalise import EventBatch
+from auditwatch.receive import FORWARDED_HEADER, RETRY_HEADERS, Receiver, Rejected
 from auditwatch.store import StorageUnavailable, Store
 
 LIST_RULE = 'verb = "list"'
@@ -611,3 +620,170 @@ async def test_decode_workers_leave_no_handoff_files(tmp_path: Path, samples: Pa
         ours = handoff_folders() - before
         assert len(ours) == 1 and not any(next(iter(ours)).iterdir())
     assert not any(folder.exists() for folder in ours)
+
+
+# -- a follower: forwarding to the leader's receiver ------------------------------------------
+
+
+class Follower:
+    """The engine side of a receiver that keeps nothing itself and forwards to `leader`."""
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.leader: str | None = None
+
+    def forward_to(self) -> str | None:
+        return self.leader
+
+    def stream(self, name: str) -> StreamSpec | None:
+        raise Rejected(503, "standby", "no leader", RETRY_HEADERS)
+
+    def clock(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def ingest(self, stream: StreamSpec, batch: EventBatch) -> dict[str, int]:
+        raise AssertionError("a follower never ingests")
+
+    def status(self) -> dict[str, Any]:
+        return {"streams": {}, "alerts": {}, "problems": ["follower"]}
+
+    def readiness(self) -> tuple[bool, str]:
+        return self.leader is not None, "follower"
+
+
+@dataclass
+class RunningFollower:
+    url: str
+    ingestor: Follower
+
+
+@pytest.fixture
+async def follower() -> AsyncIterator[RunningFollower]:
+    ingestor = Follower()
+    runner = web.AppRunner(Receiver(ingestor, forward_to=ingestor.forward_to).app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield RunningFollower(f"http://127.0.0.1:{runner.addresses[0][1]}", ingestor)
+    finally:
+        await runner.cleanup()
+
+
+async def forwarded_codes(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """auditwatch_requests_forwarded_total by code."""
+    async with session.get(url + "/metrics") as response:
+        text = await response.text()
+    return {
+        sample.labels["code"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "auditwatch_requests_forwarded_total"
+    }
+
+
+async def test_a_follower_answers_with_the_leaders_answer_and_the_leader_keeps_the_events(
+    samples: Path,
+    server: Running,
+    follower: RunningFollower,
+    session: aiohttp.ClientSession,
+) -> None:
+    follower.ingestor.leader = server.url
+    events = sample_events(samples, "secret-recon-then-exec.log")
+    lists = sum(1 for e in events if e.get("verb") == "list")
+    answer = await post(session, follower.url + "/api/v1/logstream/open", event_list(events))
+    assert answer.status == 200 and answer.body["stored"] == len(events), answer.body
+    plain = sample_events(samples, "impersonation-and-403s.log")
+    answer = await post(
+        session,
+        follower.url + "/api/v1/ingest",
+        gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in plain)),
+        {"X-P-Stream": "copy", "Content-Encoding": "gzip"},
+    )
+    assert answer.status == 200 and answer.body["stored"] == len(plain), answer.body
+    answer = await post(
+        session,
+        follower.url + "/api/v1/logstream/basic",
+        synthetic_events("f", 2),
+        basic_auth("sender", "s3cret"),
+    )
+    assert answer.status == 200, answer.body
+
+    # Refusals are the leader's, with what senders act on.
+    answer = await post(session, follower.url + "/api/v1/logstream/open", b"{not json")
+    assert answer.status == 400 and "error" in answer.body
+    assert answer.headers["Content-Type"].startswith("application/json")
+    answer = await post(
+        session, follower.url + "/api/v1/logstream/bearer", synthetic_events("b", 1)
+    )
+    assert answer.status == 401 and answer.headers["WWW-Authenticate"].startswith("Bearer")
+    answer = await post(session, follower.url + "/api/v1/logstream/small", small_events(20))
+    assert answer.status == 413
+    answer = await post(session, follower.url + "/api/v1/logstream/nosuch", events)
+    assert answer.status == 404 and "nosuch" in answer.body["error"]
+
+    status = await get_json(session, server.url + "/api/v1/status")
+    assert status["alerts"]["default/lists"]["matches"] == lists
+    assert await forwarded_codes(session, follower.url) == {
+        "200": 3,
+        "400": 1,
+        "401": 1,
+        "413": 1,
+        "404": 1,
+    }
+    await server.close()
+    assert canonical(stored(server.data, "open")) == canonical(events)
+    assert canonical(stored(server.data, "copy")) == canonical(plain)
+
+
+async def test_a_follower_passes_compressed_and_chunked_bodies_through_unchanged(
+    follower: RunningFollower, session: aiohttp.ClientSession
+) -> None:
+    body = gzip.compress(orjson.dumps(synthetic_events("z", 50)))
+    async with WebhookSink() as sink:
+        follower.ingestor.leader = sink.url.removesuffix("/hook")
+        headers = {"Content-Encoding": "gzip", "Authorization": "Bearer t", "X-Other": "dropped"}
+        answer = await post(session, follower.url + "/api/v1/ingest", body, headers)
+        assert answer.status == 200
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), 100):
+                yield body[start : start + 100]
+
+        async with session.post(
+            follower.url + "/api/v1/logstream/open",
+            data=chunks(),
+            headers={"Content-Encoding": "gzip"},
+        ) as response:
+            assert response.status == 200
+    first, second = sink.received
+    assert first.raw == body and second.raw == body
+    assert first.headers["Content-Encoding"] == "gzip" == second.headers["Content-Encoding"]
+    assert first.headers["Authorization"] == "Bearer t" and "X-Other" not in first.headers
+    assert first.headers[FORWARDED_HEADER] == "1"
+
+
+async def test_a_forwarded_request_is_never_forwarded_again(
+    server: Running, follower: RunningFollower, session: aiohttp.ClientSession
+) -> None:
+    follower.ingestor.leader = server.url
+    events = synthetic_events("hop", 3)
+    answer = await post(
+        session, follower.url + "/api/v1/logstream/open", events, {FORWARDED_HEADER: "1"}
+    )
+    assert answer.status == 503 and answer.headers["Retry-After"]
+    assert "leader" in answer.body["error"]
+    assert await rejection_reasons(session, server) == {}
+    await server.close()
+    assert stored(server.data, "open") == []
+
+
+async def test_an_unreachable_leader_is_a_503_with_retry_after(
+    follower: RunningFollower, session: aiohttp.ClientSession
+) -> None:
+    follower.ingestor.leader = f"http://127.0.0.1:{free_port()}"
+    answer = await post(session, follower.url + "/api/v1/logstream/open", synthetic_events("u", 1))
+    assert answer.status == 503 and answer.headers["Retry-After"]
+    assert follower.ingestor.leader in answer.body["error"]
+    async with session.get(follower.url + "/metrics") as response:
+        assert 'reason="leader_unreachable"' in await response.text()

@@ -38,6 +38,13 @@ class Metrics:
             ["stream", "reason"],
             registry=self.registry,
         )
+        self.requests_forwarded = Counter(
+            "auditwatch_requests_forwarded",
+            "Ingest requests a non-leader replica forwarded to the leader, by the leader's "
+            "HTTP status code.",
+            ["code"],
+            registry=self.registry,
+        )
         self.rule_matches = Counter(
             "auditwatch_rule_matches",
             "Stored audit events that matched an alert's rule.",

@@ -3,6 +3,9 @@
 It only translates HTTP into calls on the engine and answers in a way senders act on correctly:
 2xx once a batch is durably kept, 4xx with a JSON reason when retrying cannot help (nothing of
 that body is kept), 503 with Retry-After when it might (the apiserver and Vector retry).
+
+A replica that does not keep events itself (a follower of the leader replica) forwards ingest
+requests to the receiver that does, body as received, and answers with that receiver's answer.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+import aiohttp
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +42,22 @@ from auditwatch.store import StorageUnavailable
 RETRY_AFTER_SECONDS = 5
 RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_SECONDS)}
 """What a 503 asks senders to wait (the apiserver backs off from 10 s anyway; Vector obeys)."""
+
+FORWARDED_HEADER = "X-Auditwatch-Forwarded"
+"""Marks a forwarded request: never forwarded again, so replicas that disagree for a moment on
+who leads cannot pass a request around in a loop."""
+FORWARDED_REQUEST_HEADERS = (
+    "X-P-Stream",
+    "Authorization",
+    "Content-Encoding",
+    "Content-Type",
+    "Content-Length",
+)
+"""What the receiver at the other end reads of a request (the stream, credentials, the body)."""
+FORWARDED_ANSWER_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate")
+"""What senders act on in an answer."""
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+"""Connecting fails fast (the leader is gone: 503, retry); a busy leader may take its time."""
 
 
 class Ingestor(Protocol):
@@ -232,7 +253,12 @@ class Decoder:
 
 
 class Receiver:
-    """The aiohttp application around an engine."""
+    """The aiohttp application around an engine.
+
+    `forward_to`, if given, is asked on every ingest request for the URL of a receiver to hand
+    the request to instead (None: ingest here). The engine itself knows nothing of forwarding,
+    so it is a separate callable rather than a member of `Ingestor`.
+    """
 
     def __init__(
         self,
@@ -241,8 +267,11 @@ class Receiver:
         decode_workers: int = 0,
         max_in_flight: int = 32,
         max_processing: int = 2,
+        forward_to: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine
+        self.forward_to = forward_to
+        self._client: aiohttp.ClientSession | None = None
         self.decoder = Decoder(decode_workers)
         # Requests being read or processed; past this, senders are told to retry (bounded memory).
         self.in_flight = asyncio.Semaphore(max_in_flight)
@@ -252,6 +281,7 @@ class Receiver:
         # would undo gzip before the handler sees it, and without the stream's size limit.
         self.app = web.Application(client_max_size=1 << 40, handler_args={"auto_decompress": False})
         self.app.on_cleanup.append(self._close_decoder)
+        self.app.on_cleanup.append(self._close_client)
         self.app.add_routes(
             [
                 web.post("/api/v1/ingest", self.ingest_by_header),
@@ -274,6 +304,14 @@ class Receiver:
         metrics = self.engine.metrics
         label = ""  # a stream name for metrics only once it names a stream: no unbounded series
         try:
+            leader = self.forward_to() if self.forward_to is not None else None
+            if leader is not None:
+                response = await self.forward(request, leader)
+                metrics.requests_forwarded.labels(str(response.status)).inc()
+                metrics.request_seconds.labels(str(response.status)).observe(
+                    time.perf_counter() - started
+                )
+                return response
             if not name:
                 raise Rejected(400, "no_stream", "missing X-P-Stream header naming the stream")
             stream = self.engine.stream(name)
@@ -312,8 +350,60 @@ class Receiver:
         metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
         return json_response(200, result)
 
+    async def forward(self, request: web.Request, leader: str) -> web.Response:
+        """The answer of the receiver at `leader` to this request, the body streamed through
+        unread: that receiver checks the stream, credentials and limits, and keeps the events."""
+        if FORWARDED_HEADER in request.headers:
+            raise Rejected(
+                503,
+                "forward_loop",
+                "forwarded to a replica that is not the leader either (leadership is changing); "
+                "retry later",
+                RETRY_HEADERS,
+            )
+        if self.in_flight.locked():
+            raise Rejected(503, "busy", "too many batches in progress; retry later", RETRY_HEADERS)
+        headers = {
+            name: request.headers[name]
+            for name in FORWARDED_REQUEST_HEADERS
+            if name in request.headers
+        }
+        headers[FORWARDED_HEADER] = "1"
+        if self._client is None:
+            # No decompression: answers pass through as the leader sent them.
+            self._client = aiohttp.ClientSession(timeout=FORWARD_TIMEOUT, auto_decompress=False)
+        async with self.in_flight:
+            try:
+                async with self._client.post(
+                    leader.rstrip("/") + str(request.rel_url),
+                    data=request.content,
+                    headers=headers,
+                ) as answer:
+                    body = await answer.read()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise Rejected(
+                    503,
+                    "leader_unreachable",
+                    f"the leader's receiver at {leader} did not answer ({error!r}); retry later",
+                    RETRY_HEADERS,
+                ) from None
+        return web.Response(
+            status=answer.status,
+            body=body,
+            headers={
+                name: answer.headers[name]
+                for name in FORWARDED_ANSWER_HEADERS
+                if name in answer.headers
+            },
+        )
+
     async def _close_decoder(self, app: web.Application) -> None:
         self.decoder.close()
+
+    async def _close_client(self, app: web.Application) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def liveness(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "alive"})

@@ -5,6 +5,9 @@ Lease counts as expired when its record has not changed for leaseDurationSeconds
 locally* (so clocks of different nodes need not agree). A holder that cannot renew for
 `renew_deadline` seconds gives up before anybody else may take over; a holder that stops cleanly
 releases the Lease so a successor takes over at once.
+
+The holder also advertises where its receiver listens (the annotation RECEIVER_ANNOTATION), and
+the others, which read the Lease while they wait for it, learn from it where to forward ingest.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from auditwatch.kube.api import ApiError, KubeApi
 logger = logging.getLogger(__name__)
 
 MICRO_TIME = "%Y-%m-%dT%H:%M:%S.%fZ"
+RECEIVER_ANNOTATION = "auditwatch.dev/receiver"
+"""On the Lease: the holder's receiver URL, where the other replicas forward ingest requests."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class LeaseSettings:
     """How long the holder keeps trying to renew before it gives up leadership."""
     retry_period: float = 2.0
     """Pause between attempts to acquire, and between renewals."""
+    receiver_url: str | None = None
+    """Where this replica's receiver listens, advertised on the Lease while it holds it."""
 
 
 def micro_time(moment: datetime) -> str:
@@ -60,6 +67,9 @@ class LeaderElection:
         self._observed: tuple[Any, float] | None = None
         """The other holder's record last seen, and when it was first seen so."""
         self.is_leader = False
+        self.leader_url: str | None = None
+        """The receiver URL another live holder advertises (None while we hold the Lease, or
+        nobody holds it, or the holder does not advertise)."""
 
     @property
     def _path(self) -> str:
@@ -109,6 +119,10 @@ class LeaderElection:
             lease = await self.api.request("GET", self._path)
             if lease.get("spec", {}).get("holderIdentity") != self.settings.identity:
                 return
+            metadata = lease.setdefault("metadata", {})
+            annotations = metadata.get("annotations") or {}
+            annotations.pop(RECEIVER_ANNOTATION, None)
+            metadata["annotations"] = annotations
             lease["spec"] = {
                 **lease["spec"],
                 "holderIdentity": None,
@@ -142,15 +156,17 @@ class LeaderElection:
             "renewTime": now,
             "leaseTransitions": 0,
         }
+        advertised = {RECEIVER_ANNOTATION: s.receiver_url} if s.receiver_url else {}
         try:
             lease = await self.api.request("GET", self._path)
         except ApiError as error:
             if error.status != 404:
                 raise
+            self.leader_url = None
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
                 "kind": "Lease",
-                "metadata": {"name": s.name, "namespace": s.namespace},
+                "metadata": {"name": s.name, "namespace": s.namespace, "annotations": advertised},
                 "spec": ours,
             }
             try:
@@ -164,8 +180,15 @@ class LeaderElection:
             return True
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
+        metadata = lease.setdefault("metadata", {})
+        annotations = metadata.get("annotations") or {}
         if holder and holder != s.identity and not self._expired(spec):
+            self.leader_url = annotations.get(RECEIVER_ANNOTATION) or None
             return False
+        self.leader_url = None
+        # Ours, or none: never a former holder's.
+        others = {k: v for k, v in annotations.items() if k != RECEIVER_ANNOTATION}
+        metadata["annotations"] = {**others, **advertised}
         if holder == s.identity:
             ours["acquireTime"] = spec.get("acquireTime") or now
             ours["leaseTransitions"] = spec.get("leaseTransitions") or 0

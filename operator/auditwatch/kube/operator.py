@@ -1,12 +1,13 @@
 """`auditwatch run`: kopf and the receiver in one process and one event loop.
 
-Start-up: the receiver listens at once (liveness answers; readiness says "standby"), the replica
-waits for the leader Lease, then opens the data directory, lists every AuditStream and AuditAlert
+Start-up: the receiver listens at once (liveness answers), the replica waits for the leader Lease
+and meanwhile forwards ingest requests to the leader's receiver (advertised on the Lease; ready
+while it knows one). As leader, it opens the data directory, lists every AuditStream and AuditAlert
 (readiness turns true once that configuration is applied and storage takes writes), and starts
 kopf, the engine's timers and the status writer. Shutdown (SIGTERM, kopf stopping, or the Lease
 lost) closes the receiver first, stops kopf, writes the status a last time, drains deliveries,
 flushes storage and releases the Lease. Losing the Lease ends the process with an error, so
-Kubernetes restarts it as a standby: two replicas never reconcile at once.
+Kubernetes restarts it as a follower: two replicas never reconcile at once.
 """
 
 from __future__ import annotations
@@ -49,25 +50,36 @@ class LeadershipLost(RuntimeError):
 
 
 class ReplicaIngestor:
-    """What the receiver talks to: a standby answer until this replica leads, then the engine.
+    """What the receiver talks to: the leader's receiver while another replica leads, then the
+    engine.
 
-    A standby neither opens the data directory nor accepts events: it answers 503 with
-    Retry-After (senders retry) and is not ready, so Services route to the leader only.
+    A follower never opens the data directory: it forwards ingest requests to the receiver the
+    leader advertises on the Lease, and is ready while it knows one, so a Service may route to
+    any replica. Without a known leader (or while the new leader starts) it answers 503 with
+    Retry-After (senders retry) and is not ready.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, election: LeaderElection | None = None) -> None:
         self.engine: Engine | None = None
+        self.election = election
         self.metrics = Metrics()
         """One registry for the whole process: the leader's engine counts into it too."""
         self.waiting = "standby: waiting for the leader Lease"
         """Why there is no engine yet: the readiness answer until there is one."""
+
+    def forward_to(self) -> str | None:
+        """The leader's receiver, while another replica leads and advertises one."""
+        if self.engine is not None or self.election is None or self.election.is_leader:
+            return None
+        return self.election.leader_url
 
     def stream(self, name: str) -> StreamSpec | None:
         if self.engine is None:
             raise Rejected(
                 503,
                 "standby",
-                "this replica is on standby (not the leader); retry later",
+                "this replica is on standby (no leader known, or leading and starting); "
+                "retry later",
                 RETRY_HEADERS,
             )
         return self.engine.stream(name)
@@ -80,14 +92,19 @@ class ReplicaIngestor:
         return await self.engine.ingest(stream, batch)
 
     def status(self) -> dict[str, Any]:
-        if self.engine is None:
-            return {"streams": {}, "alerts": {}, "problems": ["standby: not the leader"]}
-        return self.engine.status()
+        if self.engine is not None:
+            return self.engine.status()
+        leader = self.forward_to()
+        problem = f"follower: see the leader at {leader}" if leader else self.waiting
+        return {"streams": {}, "alerts": {}, "problems": [problem]}
 
     def readiness(self) -> tuple[bool, str]:
-        if self.engine is None:
-            return False, self.waiting
-        return self.engine.readiness()
+        if self.engine is not None:
+            return self.engine.readiness()
+        leader = self.forward_to()
+        if leader is not None:
+            return True, f"forwarding to the leader at {leader}"
+        return False, self.waiting
 
 
 @dataclass
@@ -107,6 +124,8 @@ class OperatorOptions:
     )
     namespace: str | None = None
     """The operator's namespace (Lease, stream Secrets, stream Events); default: detected."""
+    advertise_url: str | None = None
+    """The receiver's URL as other replicas reach it (forwarding); default: see receiver_url."""
     kopf_settings: kopf.OperatorSettings | None = None
 
 
@@ -146,7 +165,7 @@ async def run_operator(
     namespace = options.namespace or default_namespace()
     ingestor = ReplicaIngestor()
     runner = web.AppRunner(
-        Receiver(ingestor, decode_workers=decode_workers).app,
+        Receiver(ingestor, decode_workers=decode_workers, forward_to=ingestor.forward_to).app,
         access_log=None,
         shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS,
     )
@@ -163,8 +182,10 @@ async def run_operator(
             duration=options.lease_duration,
             renew_deadline=options.lease_renew_deadline,
             retry_period=options.lease_retry_period,
+            receiver_url=options.advertise_url or receiver_url(host, runner.addresses[0][1]),
         ),
     )
+    ingestor.election = election
     try:
         if options.leader_election and not await election.acquire(stop):
             return
@@ -175,6 +196,19 @@ async def run_operator(
         await _close_receiver(runner)
         await election.release()
         await api.close()
+
+
+def receiver_url(host: str, port: int) -> str | None:
+    """The URL other replicas reach this receiver at: the address it listens on, if one; when
+    it listens on all, the pod's IP ($AUDITWATCH_POD_IP, from the downward API), else the
+    address the host name resolves to (None if it resolves to none: nothing advertised)."""
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = os.environ.get("AUDITWATCH_POD_IP") or socket.gethostbyname(socket.gethostname())
+        except OSError as error:
+            logger.warning("no address to advertise: followers cannot forward (%s)", error)
+            return None
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def _lead(
