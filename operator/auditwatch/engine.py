@@ -25,6 +25,7 @@ import orjson
 import pyarrow.compute as pc
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
+from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
@@ -117,13 +118,15 @@ class Engine:
         invalid = dict(invalid or {})
         live: dict[str, _LiveAlert] = {}
         for key, spec in alerts.items():
-            if spec.stream not in streams:
+            try:
+                check_stream(spec, streams)
+            except ConfigError as error:
                 invalid[key] = InvalidAlert(
                     spec.namespace,
                     spec.name,
                     spec.stream,
-                    "StreamNotFound",
-                    f"no AuditStream named {spec.stream!r}",
+                    error.reason,
+                    error.message,
                     spec.generation,
                 )
                 continue
@@ -145,8 +148,7 @@ class Engine:
         self._invalid = invalid
         self._problems = list(problems or [])
         now = self.clock()
-        for key in [*streams, *live, *invalid]:
-            self._since.setdefault(key, now)
+        self._since = {key: self._since.get(key, now) for key in [*streams, *live, *invalid]}
         readiness = {STREAM_KEY.format(name): True for name in streams}
         readiness |= {ALERT_KEY.format(key): True for key in live}
         readiness |= {ALERT_KEY.format(key): False for key in invalid}
