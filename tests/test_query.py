@@ -11,10 +11,11 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
+from auditwatch.config.schema import parse_duration
 from auditwatch.normalise import normalise
 from auditwatch.rules.parse import parse_expression
 from auditwatch.rules.reference import matches
-from auditwatch.store import Store, parse_duration, parse_time_bound, query
+from auditwatch.store import Store, parse_time_bound, query
 
 SAMPLES = Path("/work/shared/audit-samples")
 AT = datetime(2024, 5, 1, 10, 15, 30, tzinfo=UTC)

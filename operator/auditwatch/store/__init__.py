@@ -5,7 +5,7 @@ a data directory, from a running receiver's or a copy.
 """
 
 from auditwatch.store.errors import StorageUnavailable, StoreLocked
-from auditwatch.store.query import parse_duration, parse_time_bound, query
+from auditwatch.store.query import parse_time_bound, query
 from auditwatch.store.store import Store, StreamStats
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Store",
     "StoreLocked",
     "StreamStats",
-    "parse_duration",
     "parse_time_bound",
     "query",
 ]

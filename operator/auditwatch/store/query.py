@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from auditwatch.config.schema import DURATION_PATTERN, parse_duration
 from auditwatch.normalise import from_table
 from auditwatch.rules import ast
 from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, EVENT_TIME, INGEST_TIME
@@ -31,40 +32,16 @@ PARTITION_SKEW = timedelta(minutes=10)
 """How far an apiserver's clock may run ahead of auditwatch's without events being missed."""
 
 _TIME_KEY = "time"
-_DURATION_PART = re.compile(r"\s*(\d+)\s*(w|d|h|m|s)")
-_UNITS = {
-    "w": timedelta(weeks=1),
-    "d": timedelta(days=1),
-    "h": timedelta(hours=1),
-    "m": timedelta(minutes=1),
-    "s": timedelta(seconds=1),
-}
-
-
-def parse_duration(text: str) -> timedelta:
-    """`90s`, `15m`, `1h30m`, `3m 20s`, `2d`, `1w` as a timedelta."""
-    total = timedelta()
-    position = 0
-    stripped = text.strip()
-    while position < len(stripped) or not stripped:
-        match = _DURATION_PART.match(stripped, position)
-        if match is None:
-            raise ValueError(
-                f"invalid duration {text!r}: expected a duration such as 1h30m or 3m 20s "
-                "(units w, d, h, m, s)"
-            )
-        total += int(match.group(1)) * _UNITS[match.group(2)]
-        position = match.end()
-    return total
 
 
 def parse_time_bound(text: str, now: datetime | None = None) -> datetime:
-    """A query bound: a duration back from now (`1h`, `30m`, `2d`) or an RFC 3339 time.
+    """A query bound: a duration back from now (`1h`, `30m`, `2d`, spelled as in the CRDs) or an
+    RFC 3339 time.
 
     A time without offset (`2024-05-01`, `2024-05-01T10:00:00`) is taken as UTC.
     """
     stripped = text.strip()
-    if _DURATION_PART.match(stripped) and not re.match(r"\d{4}-", stripped):
+    if re.fullmatch(DURATION_PATTERN, stripped):
         return (now or datetime.now(UTC)) - parse_duration(stripped)
     try:
         moment = datetime.fromisoformat(stripped)
