@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from auditwatch.config.model import StreamSpec
-from auditwatch.engine import Engine
+from auditwatch.engine import Engine, utcnow
 from auditwatch.kube.aio import pause
 from auditwatch.kube.api import GROUP, VERSION, ApiError, KubeApi
 from auditwatch.kube.source import KubeSource
@@ -31,10 +31,6 @@ API_STATUS_ONLY_KEYS = ("namespace", "name", "stream", "since")
 EVENT_MESSAGE_LIMIT = 1024
 
 Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
