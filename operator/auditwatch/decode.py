@@ -32,7 +32,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _READ_SIZE = 4 * MiB
 
-_EVENT_MARKERS = frozenset(("auditID", "verb", "stage", "requestURI"))
+EVENT_MARKERS = frozenset(("auditID", "verb", "stage", "requestURI"))
 """Keys every audit.k8s.io Event (v1 and older) carries and no envelope does."""
 
 _NON_SPACE = re.compile(rb"\S")
@@ -80,8 +80,7 @@ def decode_body(
     of auditwatch forwards the wrong logs. Any other object is kept as an event: whatever the
     cluster sends is stored, and typed columns are null where it differs from an audit event.
     """
-    data = _decompress(body, content_encoding, max_decoded_bytes)
-    return _decode_json(data)
+    return decode_json(decompress(body, content_encoding, max_decoded_bytes))
 
 
 def decode_file(path: str | Path) -> list[dict[str, Any]]:
@@ -96,12 +95,13 @@ def decode_file(path: str | Path) -> list[dict[str, Any]]:
             data = _gunzip(data, sys.maxsize)
         elif data.startswith(_ZSTD_MAGIC):
             data = _unzstd(data, sys.maxsize)
-        return _decode_json(data)
+        return decode_json(data)
     except DecodeError as err:
         raise type(err)(f"{path}: {err}") from err
 
 
-def _decompress(body: bytes, content_encoding: str | None, cap: int) -> bytes:
+def decompress(body: bytes, content_encoding: str | None, cap: int) -> bytes:
+    """Undo `content_encoding` (see `decode_body`), never producing more than `cap` bytes."""
     codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
     data = body
     for coding in reversed(codings):
@@ -179,7 +179,8 @@ def _unzstd(data: bytes, cap: int) -> bytes:
     return b"".join(chunks)
 
 
-def _decode_json(data: bytes) -> list[dict[str, Any]]:
+def decode_json(data: bytes) -> list[dict[str, Any]]:
+    """The audit events in decompressed JSON text (the shapes of `decode_body`)."""
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
     first = _NON_SPACE.search(data)
@@ -275,7 +276,7 @@ def _collect_items(
 
 
 def _is_event(obj: dict[str, Any]) -> bool:
-    return "auditID" in obj or not obj.keys().isdisjoint(_EVENT_MARKERS)
+    return "auditID" in obj or not obj.keys().isdisjoint(EVENT_MARKERS)
 
 
 def _collect_object(

@@ -8,6 +8,7 @@ per-event reference evaluator (`typed_value`) agree on every event, type clashes
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,7 @@ from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, TIMESTAMP, TYPED_FIELDS,
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
-_TIME_KEYS = ("stageTimestamp", "requestReceivedTimestamp", "timestamp")
+TIME_KEYS = ("stageTimestamp", "requestReceivedTimestamp", "timestamp")
 """Where the event time is read from, in order of preference (`timestamp` is pre-v1)."""
 
 _RFC3339 = (
@@ -50,6 +51,9 @@ class EventBatch:
 
     table: pa.Table
     _events: list[dict[str, Any]] | None = field(default=None, repr=False)
+    staged: pa.Buffer | None = field(default=None, repr=False, kw_only=True)
+    """The whole table as the store's staging message (`store.wal.batch_message`), when the
+    decoding worker process made it: the store then only has to write it."""
     _parsed: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
@@ -58,9 +62,7 @@ class EventBatch:
     @property
     def events(self) -> list[dict[str, Any]]:
         if self._events is None:
-            self._events = [
-                orjson.loads(text) for text in self.table.column(EVENT_JSON).to_pylist()
-            ]
+            self._events = [parse_event(text) for text in self.table.column(EVENT_JSON).to_pylist()]
         return self._events
 
     def event(self, row: int) -> dict[str, Any]:
@@ -69,7 +71,7 @@ class EventBatch:
             return self._events[row]
         parsed = self._parsed.get(row)
         if parsed is None:
-            parsed = self._parsed[row] = orjson.loads(self.table.column(EVENT_JSON)[row].as_py())
+            parsed = self._parsed[row] = parse_event(self.table.column(EVENT_JSON)[row].as_py())
         return parsed
 
     def filter(self, mask: pa.BooleanArray | pa.ChunkedArray) -> EventBatch:
@@ -90,6 +92,20 @@ class EventBatch:
         if any(batch._events is None for batch in batches):
             return EventBatch(table)
         return EventBatch(table, [event for batch in batches for event in batch.events])
+
+
+def parse_event(text: str) -> dict[str, Any]:
+    """A stored `event` text as the event: orjson, or Python's json where orjson refuses.
+
+    The fast path (columnar.py) keeps the sender's bytes, which msgspec checked as JSON without
+    reading every number: one beyond a double's range (1e999) is valid JSON that orjson refuses
+    and Python's json reads as infinity.
+    """
+    try:
+        event: dict[str, Any] = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        event = json.loads(text)
+    return event
 
 
 def typed_value(event: dict[str, Any], typed: TypedField) -> Any:
@@ -116,11 +132,27 @@ def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch
     """
     event_json = pa.array(list(map(orjson.dumps, events)), pa.string())
     leaves = _leaf_columns(_PathValues(events))
-    columns = [leaves[f.path] for f in TYPED_FIELDS]
-    columns.append(_event_time([leaves[(key,)] for key in _TIME_KEYS]))
-    columns.append(pa.repeat(pa.scalar(_as_utc(received_at), TIMESTAMP), len(events)))
-    columns.append(event_json)
-    return EventBatch(pa.Table.from_arrays(columns, schema=EVENT_SCHEMA), events)
+    table = assemble(
+        [leaves[f.path] for f in TYPED_FIELDS],
+        [leaves[(key,)] for key in TIME_KEYS],
+        received_at,
+        event_json,
+    )
+    return EventBatch(table, events)
+
+
+def assemble(
+    typed: list[pa.Array], times: list[pa.Array], received_at: datetime, event_json: pa.Array
+) -> pa.Table:
+    """The batch's table from its parts: the typed columns (in TYPED_FIELDS order), the
+    candidate event times (string columns, in TIME_KEYS order) and the events' JSON text."""
+    columns = [
+        *typed,
+        _event_time(times),
+        pa.repeat(pa.scalar(_as_utc(received_at), TIMESTAMP), len(event_json)),
+        event_json,
+    ]
+    return pa.Table.from_arrays(columns, schema=EVENT_SCHEMA)
 
 
 def from_table(table: pa.Table) -> EventBatch:
@@ -207,7 +239,7 @@ class _Leaf(NamedTuple):
 
 
 _LEAVES = tuple(_Leaf(f.path, f.type) for f in TYPED_FIELDS) + tuple(
-    _Leaf((key,), pa.string()) for key in _TIME_KEYS
+    _Leaf((key,), pa.string()) for key in TIME_KEYS
 )
 
 
@@ -340,7 +372,7 @@ def _may_clash_silently(arrow_type: pa.DataType) -> bool:
 
 
 def _event_time(candidates: list[pa.Array]) -> pa.Array:
-    """The first candidate (string columns, by `_TIME_KEYS`) that parses, per event."""
+    """The first candidate (string columns, by `TIME_KEYS`) that parses, per event."""
     first, *fallbacks = candidates
     times = _parse_times(first)
     for strings in fallbacks:

@@ -2,10 +2,11 @@
 
 Columns are named the way Parseable flattens JSON (`objectRef_resource`, `user_username`), so
 stored data reads the same in DuckDB as in Parseable. The well-known fields of an audit.k8s.io
-Event get typed columns for fast rules and queries; `event` keeps the whole event as compact JSON,
-so nothing a cluster sent is ever lost, whatever its shape. A value whose JSON type differs from
-its column's type (a `code` sent as text, say) is null in the typed column and still intact in
-`event`: a type clash never rejects a batch.
+Event get typed columns for fast rules and queries; `event` keeps the whole event as one line of
+JSON (the sender's own text where it was one, see columnar.py), so nothing a cluster sent is ever
+lost, whatever its shape. A value whose JSON type differs from its column's type (a `code` sent as
+text, say) is null in the typed column and still intact in `event`: a type clash never rejects a
+batch.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ INGEST_TIME = "p_timestamp"
 """When auditwatch received the event (Parseable's column name). Partitions are cut by it."""
 
 EVENT_JSON = "event"
-"""The whole event as compact JSON (keys as sent)."""
+"""The whole event as one line of JSON (keys as sent)."""
 
 EVENT_SCHEMA = pa.schema(
     [pa.field(f.column, f.type) for f in TYPED_FIELDS]

@@ -16,13 +16,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from auditwatch.config.schema import DURATION_PATTERN, parse_duration
-from auditwatch.normalise import from_table
+from auditwatch.normalise import from_table, parse_event
 from auditwatch.rules import ast
 from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, EVENT_TIME, INGEST_TIME
 from auditwatch.store.layout import check_stream_name, partition_files, segment_stem
@@ -99,7 +98,7 @@ def query(
     )
     for chunk in ordered[EVENT_JSON].chunks:
         for text in chunk.to_pylist():
-            yield orjson.loads(text)
+            yield parse_event(text)
 
 
 def _stored_tables(stream_dir: Path, since: datetime | None) -> Iterator[pa.Table]:
