@@ -7,7 +7,9 @@ back from storage with `auditwatch.store.query`.
 from __future__ import annotations
 
 import gzip
-import tempfile
+import multiprocessing
+import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -600,26 +602,26 @@ async def test_health_metrics_and_status(
     assert alert["observedGeneration"] == 1
 
 
-def handoff_folders() -> set[Path]:
-    roots = [Path(tempfile.gettempdir()), Path("/dev/shm")]
-    return {folder for root in roots for folder in root.glob("auditwatch-decode-*")}
-
-
-async def test_decode_workers_leave_no_handoff_files(tmp_path: Path, samples: Path) -> None:
-    """Batches handed back by worker processes are unlinked once mapped, the folder on close."""
+async def test_a_decoding_worker_that_dies_costs_one_503(tmp_path: Path, samples: Path) -> None:
+    """The request it was to decode gets a 503 to retry; the next one a new worker."""
     resources = tmp_path / "resources"
     write_yaml(resources / "streams.yaml", stream_doc("open"))
-    before = handoff_folders()
+    events = sample_events(samples, "impersonation-and-403s.log")
     async with (
         running_receiver(resources, tmp_path / "data", decode_workers=1) as running,
         aiohttp.ClientSession() as session,
     ):
-        events = sample_events(samples, "impersonation-and-403s.log")
-        answer = await post(session, running.url + "/api/v1/logstream/open", event_list(events))
-        assert answer.status == 200 and answer.body["stored"] == len(events)
-        ours = handoff_folders() - before
-        assert len(ours) == 1 and not any(next(iter(ours)).iterdir())
-    assert not any(folder.exists() for folder in ours)
+        url = running.url + "/api/v1/logstream/open"
+        assert (await post(session, url, event_list(events[:3]))).status == 200
+        (worker,) = [p for p in multiprocessing.active_children() if p.name == "auditwatch-decoder"]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        answer = await post(session, url, event_list(events[3:6]))
+        assert answer.status == 503
+        assert answer.headers["Retry-After"] == RETRY_HEADERS["Retry-After"]
+        assert answer.body == {"error": "a decoding worker died; retry"}
+        answer = await post(session, url, event_list(events[3:6]))
+        assert (answer.status, answer.body["stored"]) == (200, 3)
 
 
 # -- a follower: forwarding to the leader's receiver ------------------------------------------

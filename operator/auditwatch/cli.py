@@ -21,8 +21,10 @@ from auditwatch import __version__
 
 ExistingFile = click.Path(exists=True, dir_okay=False, path_type=Path)
 
-DEFAULT_DECODE_WORKERS = max(1, min(4, (os.cpu_count() or 2) - 1))
-"""Decoding holds the GIL: worker processes put the other cores to work, one core left over."""
+DEFAULT_DECODE_WORKERS = max(1, min(4, len(os.sched_getaffinity(0))))
+"""Decoding holds the GIL: worker processes put the other cores to work. One per core this
+process may run on: a worker waiting for a body costs nothing, and on two cores two workers
+keep both busy while the main process waits on the disk (bench/README.md)."""
 
 DECODE_WORKERS = click.option(
     "--decode-workers",

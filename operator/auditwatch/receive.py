@@ -12,15 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import multiprocessing
-import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -31,13 +24,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from aiohttp import web
 
+from auditwatch.columnar import batch_from_json
 from auditwatch.config.model import IngestAuth, StreamSpec
 from auditwatch.credentials import parse_basic
-from auditwatch.decode import BodyTooLarge, DecodeError, UnsupportedEncoding, decode_body
+from auditwatch.decode import (
+    BodyTooLarge,
+    DecodeError,
+    UnsupportedEncoding,
+    decode_json,
+    decompress,
+)
 from auditwatch.metrics import Metrics
-from auditwatch.normalise import EventBatch, from_table, normalise
+from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_JSON
 from auditwatch.store import StorageUnavailable
+from auditwatch.store.wal import batch_message, encode_table, read_table
+from auditwatch.workers import WorkerDied, WorkerPool
 
 RETRY_AFTER_SECONDS = 5
 RETRY_HEADERS = {"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -153,14 +155,16 @@ def prepare_batch(
     gzip bomb is refused as well.
     """
     try:
-        events = decode_body(body, encoding, max_decoded_bytes=limits.body_bytes)
+        data = decompress(body, encoding, limits.body_bytes)
+        batch = batch_from_json(data, received_at)
+        if batch is None:
+            batch = normalise(decode_json(data), received_at)
     except BodyTooLarge as error:
         raise Rejected(413, "too_large", str(error)) from None
     except UnsupportedEncoding as error:
         raise Rejected(415, "unsupported_encoding", str(error)) from None
     except DecodeError as error:
         raise Rejected(400, "malformed", str(error)) from None
-    batch = normalise(events, received_at=received_at)
     sizes = pc.binary_length(batch.table[EVENT_JSON])
     oversized = pc.indices_nonzero(pc.greater(sizes, limits.event_bytes))
     if len(oversized):
@@ -175,81 +179,54 @@ def prepare_batch(
 
 
 def prepare_batch_in_worker(
-    body: bytes, encoding: str | None, limits: Limits, received_at: datetime, handoff: str
-) -> str | tuple[int, str, str]:
-    """`prepare_batch` in a worker process: the path of the table as an Arrow IPC file in the
-    `handoff` directory, or the rejection."""
+    body: bytes, arguments: tuple[str | None, Limits, datetime]
+) -> bytes | tuple[int, str, str]:
+    """`prepare_batch` in a worker process: the batch encoded the way the store stages it
+    (`encode_table`), or the rejection (status, reason, message).
+
+    The staging form is lz4-compressed Arrow, a fifth of the table's size, so handing it back
+    is cheap; encoding it here spares the receiving process, whose GIL the event loop needs.
+    """
+    encoding, limits, received_at = arguments
     try:
         table = prepare_batch(body, encoding, limits, received_at).table
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
-    path = os.path.join(handoff, f"{os.getpid()}-{uuid.uuid4().hex}.arrows")
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return path
-
-
-def handoff_directory() -> str:
-    """A directory in memory (/dev/shm where there is one) through which workers hand batches
-    back: a memory-mapped file costs the receiving process no copy, where a pipe costs it a
-    pickle and a copy of every byte."""
-    shm = "/dev/shm"
-    parent = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="auditwatch-decode-", dir=parent)
+    staged: bytes = encode_table(table).to_pybytes()
+    return staged
 
 
 class Decoder:
     """Runs `prepare_batch` in worker processes (`workers` > 0) or in a thread of this one.
 
-    Decoding JSON holds the GIL; in worker processes it uses the other cores and leaves this
-    process's GIL to the event loop (and to kopf, which shares it). The batch comes back as
-    Arrow IPC and its events are parsed again only where a rule or a notification needs them.
+    In worker processes, decoding uses the other cores and leaves this process's GIL to the event
+    loop (and to kopf, which shares it). The batch comes back in its staging form, and its
+    events are parsed again only where a rule or a notification needs them.
     """
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._handoff: str | None = None
-
-    def _executor(self) -> tuple[ProcessPoolExecutor, str]:
-        if self._pool is None:
-            context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-        if self._handoff is None:
-            self._handoff = handoff_directory()
-        return self._pool, self._handoff
+        self._pool = WorkerPool(workers, prepare_batch_in_worker) if workers else None
 
     async def prepare(
         self, body: bytes, encoding: str | None, limits: Limits, received_at: datetime
     ) -> EventBatch:
-        if not self.workers:
+        if self._pool is None:
             return await asyncio.to_thread(prepare_batch, body, encoding, limits, received_at)
-        loop = asyncio.get_running_loop()
-        pool, handoff = self._executor()
         try:
-            result = await loop.run_in_executor(
-                pool, prepare_batch_in_worker, body, encoding, limits, received_at, handoff
-            )
-        except BrokenProcessPool:  # a worker died (OOM-killed, say): start afresh next time
-            self._pool = None
+            result = await self._pool.run(body, (encoding, limits, received_at))
+        except WorkerDied:  # OOM-killed, say: the pool starts another
             raise Rejected(
                 503, "decoder_restarting", "a decoding worker died; retry", RETRY_HEADERS
             ) from None
         if isinstance(result, tuple):
             raise Rejected(*result)
-        try:
-            table = pa.ipc.open_stream(pa.memory_map(result)).read_all()
-        finally:
-            os.unlink(result)  # the mapping outlives the name
-        return from_table(table)
+        stream = pa.py_buffer(result)
+        return EventBatch(read_table(stream), staged=batch_message(stream))
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
-        if self._handoff is not None:
-            shutil.rmtree(self._handoff, ignore_errors=True)
-            self._handoff = None
+            self._pool.close()
 
 
 class Receiver:
@@ -266,7 +243,7 @@ class Receiver:
         *,
         decode_workers: int = 0,
         max_in_flight: int = 32,
-        max_processing: int = 2,
+        max_processing: int = 4,
         forward_to: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine

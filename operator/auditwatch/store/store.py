@@ -44,6 +44,8 @@ from auditwatch.store.wal import (
     STAGING_DIR,
     SegmentName,
     SegmentWriter,
+    batch_message,
+    encode_table,
     list_segments,
     read_segment,
 )
@@ -132,7 +134,6 @@ class Store:
         max_staged_bytes: int = DEFAULT_MAX_STAGED_BYTES,
         dedup_window: timedelta = DEFAULT_WINDOW,
         dedup_max_keys: int = DEFAULT_MAX_KEYS,
-        staging_compression: str | None = "lz4",
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = _UNSAFE_HOST_CHARS.sub("_", host or socket.gethostname())
@@ -141,7 +142,6 @@ class Store:
         self.max_staged_bytes = max_staged_bytes
         self.dedup_window = dedup_window
         self.dedup_max_keys = dedup_max_keys
-        self.staging_compression = staging_compression
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
         """Guards `_streams`, `_staged_total`, `_last_segment_id`."""
@@ -190,7 +190,10 @@ class Store:
                     )
             try:
                 writer = state.writer or self._open_segment(state)
-                written = writer.append(pa.concat_batches(new.to_batches()))
+                staged = batch.staged if classified.all_new else None
+                if staged is None:
+                    staged = batch_message(encode_table(new))
+                written = writer.append(staged, new.num_rows)
             except OSError as error:
                 self._abandon_writer(state)
                 raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
@@ -308,9 +311,7 @@ class Store:
         with self._lock:
             self._last_segment_id = max(time.time_ns(), self._last_segment_id + 1)
             name = SegmentName(self.host, self._last_segment_id)
-        writer = SegmentWriter(
-            state.staging / name.file_name, EVENT_SCHEMA, self.staging_compression
-        )
+        writer = SegmentWriter(state.staging / name.file_name, EVENT_SCHEMA)
         state.writer, state.writer_name = writer, name
         return writer
 

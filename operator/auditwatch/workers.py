@@ -1,0 +1,200 @@
+"""Worker processes that run one CPU-bound job at a time for the event loop, over socket pairs.
+
+The receiver decodes request bodies in them: decoding holds the GIL, and in other processes it
+uses the other cores and leaves this process's GIL to the event loop (and to kopf, which shares
+it). concurrent.futures' ProcessPoolExecutor did this at a cost the event loop's process paid per
+request: the body pickled into a pipe by a feeder thread, results read back by a manager thread,
+two thread hand-offs. Here the event loop writes the body to the worker's socket itself and
+reads the (small) answer back, with no thread in between.
+
+Wire format, both ways: an 8-byte big-endian length, then that many bytes. A request is two of
+these frames (the pickled arguments, then the body as it is), an answer one (the pickled result).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import pickle
+import socket
+import struct
+import traceback
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+_LENGTH = struct.Struct("!Q")
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+Job = Callable[[bytes, Any], Any]
+"""What a worker runs: `job(body, arguments)`; its result (or exception) must pickle."""
+
+
+class WorkerDied(Exception):
+    """The worker running a job exited (killed, out of memory) before it answered."""
+
+
+class JobFailed(Exception):
+    """The job raised an exception that does not pickle; the message is its traceback."""
+
+
+class _Worker:
+    """One worker process and this process's end of its socket."""
+
+    def __init__(
+        self, process: BaseProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.process = process
+        self.reader = reader
+        self.writer = writer
+
+    async def exchange(self, body: bytes, arguments: Any) -> tuple[bool, Any]:
+        """Send a job, wait for the answer: (True, result) or (False, the exception)."""
+        header = pickle.dumps(arguments)
+        self.writer.write(_LENGTH.pack(len(header)) + header + _LENGTH.pack(len(body)))
+        self.writer.write(body)
+        try:
+            await self.writer.drain()
+            (size,) = _LENGTH.unpack(await self.reader.readexactly(_LENGTH.size))
+            answer: tuple[bool, Any] = pickle.loads(await self.reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            raise WorkerDied(f"worker process {self.process.pid} exited") from error
+        return answer
+
+    def stop(self, grace_seconds: float) -> None:
+        """Shut the socket down (the worker reads its end and exits); kill it after the grace.
+
+        Shut down here and now: closing the transport would only take effect on a later turn
+        of the event loop, which this (blocking) wait does not give it.
+        """
+        with contextlib.suppress(OSError):
+            self.writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+        self.writer.close()
+        self.process.join(timeout=grace_seconds)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+class WorkerPool:
+    """`size` worker processes (forkserver), started on first use; a dead one is replaced.
+
+    `run` waits for an idle worker, so at most `size` jobs run at once.
+    """
+
+    def __init__(self, size: int, job: Job) -> None:
+        if size < 1:
+            raise ValueError("a worker pool needs at least one worker")
+        self.size = size
+        self.job = job
+        self._idle: asyncio.Queue[_Worker | None] | None = None
+        """Idle workers, and None for each free place a worker is yet to be started in."""
+        self._workers: list[_Worker] = []
+
+    async def run(self, body: bytes, arguments: Any) -> Any:
+        """`job(body, arguments)` in a worker: its result, or the exception it raised.
+
+        Raises WorkerDied if the worker exited meanwhile; the next job gets a new one.
+        """
+        worker = await self._take()
+        try:
+            ok, result = await worker.exchange(body, arguments)
+        except BaseException:  # died, or cut off half-way (a cancelled request): replace it
+            self._discard(worker)
+            raise
+        if self._idle is not None and worker in self._workers:
+            self._idle.put_nowait(worker)
+        if not ok:
+            raise result
+        return result
+
+    def close(self) -> None:
+        """Stop every worker (each finishes its current job first, for a few seconds)."""
+        workers, self._workers, self._idle = self._workers, [], None
+        for worker in workers:
+            worker.stop(grace_seconds=5)
+
+    async def _take(self) -> _Worker:
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+            for _ in range(self.size):
+                self._idle.put_nowait(None)
+        idle = self._idle
+        worker = await idle.get()
+        if worker is None:
+            try:
+                worker = await self._start()
+            except BaseException:
+                idle.put_nowait(None)
+                raise
+            self._workers.append(worker)
+        return worker
+
+    def _discard(self, worker: _Worker) -> None:
+        """Kill a worker for good; its place goes to a new one, started when needed."""
+        worker.stop(grace_seconds=0)
+        if worker in self._workers:
+            self._workers.remove(worker)
+            if self._idle is not None:
+                self._idle.put_nowait(None)
+
+    async def _start(self) -> _Worker:
+        ours, theirs = socket.socketpair()
+        # Room for a whole body in the socket (as far as the system allows): the event loop
+        # then hands it over in one write rather than over several turns.
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        context = multiprocessing.get_context("forkserver")
+        process = context.Process(
+            target=_serve, args=(theirs, self.job), name="auditwatch-decoder", daemon=True
+        )
+        await asyncio.to_thread(process.start)
+        theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
+        return _Worker(process, reader, writer)
+
+
+def _serve(sock: socket.socket, job: Job) -> None:
+    """A worker's loop: answer each request until the other end closes the socket."""
+    with sock:
+        while True:
+            header = _receive_frame(sock)
+            if header is None:
+                return
+            body = _receive_frame(sock)
+            if body is None:
+                return
+            try:
+                answer = pickle.dumps((True, job(body, pickle.loads(header))))
+            except Exception as error:
+                answer = _pickled_failure(error)
+            sock.sendall(_LENGTH.pack(len(answer)) + answer)
+
+
+def _pickled_failure(error: Exception) -> bytes:
+    try:
+        return pickle.dumps((False, error))
+    except Exception:
+        return pickle.dumps((False, JobFailed(traceback.format_exc())))
+
+
+def _receive_frame(sock: socket.socket) -> bytes | None:
+    """One frame's payload; None at the end of the stream (between frames or inside one)."""
+    header = _receive_exactly(sock, _LENGTH.size)
+    if header is None:
+        return None
+    (size,) = _LENGTH.unpack(header)
+    return _receive_exactly(sock, size)
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    received = 0
+    while received < size:
+        count = sock.recv_into(view[received:])
+        if count == 0:
+            return None
+        received += count
+    return bytes(buffer)
