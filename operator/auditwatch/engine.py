@@ -192,14 +192,19 @@ class Engine:
         self.metrics.events_received.labels(stream.name).inc(received)
         self.metrics.events_stored.labels(stream.name).inc(stored)
         self.metrics.events_duplicate.labels(stream.name).inc(received - stored)
+        notified = False
         for match in matches:
             key = match.alert.spec.key
             self.metrics.rule_matches.labels(key).inc(match.count)
             if self._alerts.get(key) is match.alert:  # not deleted meanwhile
                 notices = match.alert.tracker.observe(match.count, match.latest, now)
                 self._deliver(match.alert.spec, notices)
+                notified = notified or bool(notices)
         if matches:
             self._dirty = True
+        if notified:
+            # A state change: saved at once, and its deadlines (repeat, resolve) planned. Counts
+            # alone wait for the next tick (MAX_TICK): saving them per request cost an fsync each.
             self._wake()
         return {"received": received, "stored": stored, "duplicates": received - stored}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,11 +65,15 @@ class DedupIndex:
 
     def classify(self, table: pa.Table) -> Classified:
         """Mark each row new unless its key was kept before or appeared earlier in this batch."""
+        keys = event_keys(table)
+        distinct = set(keys)
+        if len(distinct) == len(keys) and None not in distinct and distinct.isdisjoint(self._seen):
+            return Classified([True] * len(keys), cast("list[str]", keys))  # no None in them
         seen = self._seen
         in_batch: set[str] = set()
         mask: list[bool] = []
         new_keys: list[str] = []
-        for key in event_keys(table):
+        for key in keys:
             if key is None:
                 mask.append(True)
             elif key in seen or key in in_batch:

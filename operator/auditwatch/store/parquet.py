@@ -10,11 +10,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from auditwatch.schema import INGEST_TIME
+from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, INGEST_TIME
 from auditwatch.store.fsutil import fsync_dir, make_dirs
 from auditwatch.store.layout import PARQUET_SUFFIX, TEMP_SUFFIX, partition_dir
 
 COMPRESSION = "zstd"
+
+_STATISTICS_COLUMNS = [name for name in EVENT_SCHEMA.names if name != EVENT_JSON]
+"""Min/max statistics for every column but the whole event's JSON text, which no query
+filters on by range: computing them was a quarter of the time spent writing Parquet."""
 
 
 def write_partitioned(stream_dir: Path, stem: str, table: pa.Table) -> list[Path]:
@@ -33,7 +37,9 @@ def write_partitioned(stream_dir: Path, stem: str, table: pa.Table) -> list[Path
         final = directory / (stem + PARQUET_SUFFIX)
         temp = directory / f".{stem}{PARQUET_SUFFIX}{TEMP_SUFFIX}"
         with open(temp, "wb") as file:
-            pq.write_table(part, file, compression=COMPRESSION)
+            pq.write_table(
+                part, file, compression=COMPRESSION, write_statistics=_STATISTICS_COLUMNS
+            )
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, final)
