@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import itertools
 import multiprocessing
@@ -175,8 +176,15 @@ def build_workload(templates: int) -> Workload:
     return workload
 
 
+@functools.cache
+def _pieces(template: bytes) -> list[bytes]:
+    return template.split(POST_ID)
+
+
 def stamp(template: bytes, post: int) -> bytes:
-    return template.replace(POST_ID, b"%08x" % post)
+    """The template with its placeholders replaced by the post number (one join: a replace
+    searched 400 KiB per post, a visible share of the generator's CPU)."""
+    return (b"%08x" % post).join(_pieces(template))
 
 
 def selectivity(workload: Workload) -> dict[str, float]:

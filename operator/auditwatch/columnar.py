@@ -26,7 +26,7 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditwatch.decode import EVENT_MARKERS
+from auditwatch.decode import EVENT_MARKERS, collector_paused
 from auditwatch.normalise import TIME_KEYS, EventBatch, assemble
 from auditwatch.schema import TYPED_BY_COLUMN, TYPED_FIELDS
 
@@ -93,6 +93,11 @@ _MARKER_COLUMNS = tuple(marker for marker in sorted(EVENT_MARKERS) if marker in 
 
 def batch_from_json(data: bytes, received_at: datetime) -> EventBatch | None:
     """The batch of a decompressed body, or None when the general path must take it."""
+    with collector_paused():  # a list per column and a struct per event: no cycles among them
+        return _batch(data, received_at)
+
+
+def _batch(data: bytes, received_at: datetime) -> EventBatch | None:
     items = _items(data)
     if not items:
         return None

@@ -187,7 +187,7 @@ def decode_json(data: bytes) -> list[dict[str, Any]]:
     if first is None:
         raise DecodeError("empty body")
     events: list[dict[str, Any]] = []
-    with _collector_paused():
+    with collector_paused():
         if _is_ndjson(data, first.start()):
             _decode_lines(data, events)
         else:
@@ -200,7 +200,7 @@ def decode_json(data: bytes) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Keep Python's cycle collector out of JSON parsing.
 
     Parsing allocates hundreds of thousands of dicts and lists, each allocation counts towards

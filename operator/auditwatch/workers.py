@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import multiprocessing
 import pickle
 import socket
@@ -157,6 +158,7 @@ class WorkerPool:
 
 def _serve(sock: socket.socket, job: Job) -> None:
     """A worker's loop: answer each request until the other end closes the socket."""
+    gc.freeze()  # what start-up imported needs no more scans by the cycle collector
     with sock:
         while True:
             header = _receive_frame(sock)

@@ -63,7 +63,7 @@ class _Context:
 
         A row without it has no such key anywhere, which spares parsing its event.
         """
-        if not pc.any(rows).as_py():
+        if rows.true_count == 0:
             return rows
         texts = pc.filter(self.column(EVENT_JSON), rows)
         # RE2 finds a plain literal faster than Arrow's substring kernel.
@@ -452,11 +452,11 @@ class _ColumnLeaf:
             matched, undecided = _any_element(cells, self.kernel)
         else:
             matched, undecided = self.kernel(cells)
-        matched = matched.fill_null(False)
+        matched = _false_where_null(matched)
         if undecided is None:
             return matched
-        redo = _and_rows(undecided.fill_null(False), rows)
-        if not pc.any(redo).as_py():
+        redo = _and_rows(_false_where_null(undecided), rows)
+        if redo.true_count == 0:
             return matched
         results = [
             any(self.test(value) for value in reference.cell_values(cell))
@@ -482,7 +482,7 @@ def _elements(lists: pa.Array, children: pa.Array) -> pa.Array:
 
 def _any_per_list(lists: pa.Array, flags: pa.Array) -> pa.Array:
     """Per non-null list, whether any of its elements' flags is true (running counts differ)."""
-    counts = pc.cumulative_sum(pc.cast(flags.fill_null(False), pa.int64()))
+    counts = pc.cumulative_sum(pc.cast(_false_where_null(flags), pa.int64()))
     running = pa.concat_arrays([pa.array([0], type=pa.int64()), counts])
     offsets = pc.subtract(lists.offsets, lists.offsets[0])
     size = len(lists)
@@ -515,10 +515,10 @@ class _AnnotationLeaf:
         )
         redo = pc.and_(has_key, pc.is_null(values))
         if undecided is not None:
-            redo = pc.or_(redo, undecided.fill_null(False))
+            redo = pc.or_(redo, _false_where_null(undecided))
         no_map = ctx.mention(ANNOTATIONS, _and_rows(pc.is_null(annotations), rows))
         redo = pc.or_(_and_rows(redo, rows), no_map)
-        return _redo_events(ctx, matched.fill_null(False), redo, self.event_test)
+        return _redo_events(ctx, _false_where_null(matched), redo, self.event_test)
 
 
 @dataclass(frozen=True)
@@ -541,7 +541,7 @@ def _redo_events(
     event_test: Callable[[dict[str, Any]], bool],
 ) -> pa.BooleanArray:
     """`results`, with the rows in `redo` replaced by the event test on their raw events."""
-    if not pc.any(redo).as_py():
+    if redo.true_count == 0:
         return results
     batch = ctx.batch
     redone = [event_test(batch.event(row)) for row in pc.indices_nonzero(redo).to_pylist()]
@@ -550,6 +550,14 @@ def _redo_events(
 
 def _and_rows(mask: pa.BooleanArray, rows: pa.BooleanArray | None) -> pa.BooleanArray:
     return mask if rows is None else pc.and_(mask, rows)
+
+
+def _false_where_null(mask: pa.BooleanArray) -> pa.BooleanArray:
+    """Null as false. Most masks have no null, and `fill_null` is a slow kernel (coalesce:
+    ~8 µs on a 400-row batch, a good part of a simple rule's cost)."""
+    if mask.null_count == 0:
+        return mask
+    return pc.and_kleene(mask, pc.is_valid(mask))
 
 
 @dataclass(frozen=True)
@@ -585,7 +593,7 @@ class _Junction:
             else:
                 undecided = result if self.conjunctive else pc.invert(result)
                 narrowed = _and_rows(undecided, rows)
-                if not pc.any(narrowed).as_py():
+                if narrowed.true_count == 0:
                     break
             value = operand.evaluate(ctx, narrowed)
             result = value if result is None else combine(result, value)
