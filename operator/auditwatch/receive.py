@@ -130,7 +130,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(1 << 16):
+    async for chunk in request.content.iter_any():  # as received: no re-slicing copies
         size += len(chunk)
         if size > limit:
             raise Rejected(413, "too_large", f"body exceeds {limit} bytes")
@@ -243,7 +243,7 @@ class Receiver:
         *,
         decode_workers: int = 0,
         max_in_flight: int = 32,
-        max_processing: int = 4,
+        max_processing: int = 8,
         forward_to: Callable[[], str | None] | None = None,
     ) -> None:
         self.engine = engine
@@ -252,7 +252,8 @@ class Receiver:
         self.decoder = Decoder(decode_workers)
         # Requests being read or processed; past this, senders are told to retry (bounded memory).
         self.in_flight = asyncio.Semaphore(max_in_flight)
-        # Batches being decoded and stored at once: CPU-bound, so about one per core.
+        # Batches being decoded and stored at once: enough that decoding workers do not wait
+        # while other batches are being stored or answered (each holds a body and its table).
         self.processing = asyncio.Semaphore(max_processing)
         # Limits are per stream (read_body), and decompression is decode_body's: aiohttp's own
         # would undo gzip before the handler sees it, and without the stream's size limit.

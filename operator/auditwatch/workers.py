@@ -191,12 +191,16 @@ def _receive_frame(sock: socket.socket) -> bytes | None:
 
 
 def _receive_exactly(sock: socket.socket, size: int) -> bytes | None:
-    buffer = bytearray(size)
-    view = memoryview(buffer)
-    received = 0
-    while received < size:
-        count = sock.recv_into(view[received:])
-        if count == 0:
+    """`size` bytes, received straight into one bytes object (MSG_WAITALL) where possible."""
+    data = sock.recv(size, socket.MSG_WAITALL)
+    if len(data) == size:
+        return data
+    parts = [data]
+    received = len(data)
+    while received < size:  # interrupted by a signal, or the other end closed
+        part = sock.recv(size - received)
+        if not part:
             return None
-        received += count
-    return bytes(buffer)
+        parts.append(part)
+        received += len(part)
+    return b"".join(parts)

@@ -29,9 +29,13 @@ def write_partitioned(stream_dir: Path, stem: str, table: pa.Table) -> list[Path
     replaces its files rather than adding copies.
     """
     minutes = pc.floor_temporal(table[INGEST_TIME], unit="minute")
+    distinct = pc.unique(minutes)
     written = []
-    for minute in pc.unique(minutes).to_pylist():
-        part = table.filter(pc.equal(minutes, pa.scalar(minute, minutes.type)))
+    for minute in distinct.to_pylist():
+        if len(distinct) == 1:
+            part = table  # the usual case: filtering would only copy every event's text
+        else:
+            part = table.filter(pc.equal(minutes, pa.scalar(minute, minutes.type)))
         directory = partition_dir(stream_dir, minute.astimezone(UTC))
         make_dirs(directory)
         final = directory / (stem + PARQUET_SUFFIX)

@@ -53,9 +53,9 @@ from auditwatch.store.wal import (
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_INTERVAL = timedelta(seconds=30)
-DEFAULT_SEGMENT_MAX_BYTES = 16 * 1024 * 1024
-"""A segment is converted to Parquet whole, in memory: at lz4's ratio on audit JSON (~8x) this
-bounds a conversion to ~130 MB of Arrow data (64 MiB segments peaked the process at 1.1 GiB)."""
+DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
+"""A segment is converted to Parquet whole, in memory: this bounds a conversion to 64 MiB of
+Arrow data (segments are uncompressed Arrow), about 45,000 events per Parquet file at most."""
 DEFAULT_MAX_STAGED_BYTES = 1024 * 1024 * 1024
 LOCK_FILE = ".lock"
 _UNSAFE_HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")

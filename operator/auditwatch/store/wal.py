@@ -66,14 +66,13 @@ def list_segments(staging: Path) -> list[tuple[SegmentName, Path]]:
     return sorted(((n, p) for n, p in named if n is not None), key=lambda item: item[0].id)
 
 
-STAGING_COMPRESSION = "lz4"
-"""Segments are lz4-compressed: a few times smaller (disk bandwidth at 50k events/s matters)
-for about a microsecond per event."""
-
-_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression=STAGING_COMPRESSION, use_threads=False)
+_WRITE_OPTIONS = pa.ipc.IpcWriteOptions(use_threads=False)
+"""Uncompressed, as Parseable stages: lz4 made segments 5x smaller but cost more CPU than all
+the rule evaluation (compressing in the decoding workers, decompressing twice in the main
+process); at 50k events/s that is 70 MB/s of writes instead of 14. Segments written compressed by
+an earlier version still read (each message says how it is compressed). One thread: batches
+are small, and handing their buffers to Arrow's thread pool cost more than it saved."""
 _READ_OPTIONS = pa.ipc.IpcReadOptions(use_threads=False)
-"""One thread: batches are small, so handing their buffers to Arrow's thread pool cost more
-CPU than it saved (2.5x, measured on decompressing), and the other cores are busy decoding."""
 
 
 def _messages(stream: pa.Buffer) -> list[pa.Buffer]:
@@ -99,8 +98,8 @@ def _encode_stream(schema: pa.Schema, batches: list[pa.RecordBatch]) -> pa.Buffe
 
 
 def encode_table(table: pa.Table) -> pa.Buffer:
-    """A table as an IPC stream of one lz4-compressed batch; `batch_message` of it is what a
-    segment holds for the table.
+    """A table as an IPC stream of one batch; `batch_message` of it is what a segment holds
+    for the table.
 
     Encoding is CPU work the receiver's decoding workers do (`EventBatch.staged`), so appending
     a batch costs the store's process only a write and an fdatasync.
@@ -190,7 +189,8 @@ def read_segment(path: Path, *, repair: bool) -> SegmentContents:
     With `repair`, the file is truncated to its complete part (only the owner does this, at
     recovery; a reader of a segment being written just stops at the tail).
     """
-    data = path.read_bytes()
+    with pa.memory_map(str(path)) as source:
+        data = source.read_buffer()  # mapped, not copied
     reader = pa.BufferReader(data)
     schema: pa.Schema | None = None
     batches: list[pa.RecordBatch] = []
