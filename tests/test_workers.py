@@ -30,6 +30,8 @@ def job(body: bytes, arguments: Any) -> Any:
         raise Unpicklable
     if command == b"die":
         os._exit(3)
+    if command == b"reverse":
+        return rest[::-1]
     if command == b"sleep":
         started = time.time()
         time.sleep(float(rest))
@@ -50,6 +52,13 @@ async def test_a_job_runs_in_another_process_with_its_body_and_arguments(pool: W
     assert pid != os.getpid()
     assert size == 5 * 1024 * 1024
     assert arguments == {"limit": 10, "stream": "s"}
+
+
+async def test_a_buffer_result_comes_back_as_its_bytes(pool: WorkerPool) -> None:
+    """Sent as it is rather than pickled (the receiver's batches are a few hundred KiB)."""
+    data = os.urandom(3 * 1024 * 1024)
+    answer = await pool.run(b"reverse " + data, None)
+    assert isinstance(answer, bytearray) and answer == data[::-1]
 
 
 async def test_a_jobs_exception_reaches_the_caller_and_the_worker_goes_on(pool: WorkerPool) -> None:

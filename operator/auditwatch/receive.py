@@ -180,7 +180,7 @@ def prepare_batch(
 
 def prepare_batch_in_worker(
     body: bytes, arguments: tuple[str | None, Limits, datetime]
-) -> bytes | tuple[int, str, str]:
+) -> pa.Buffer | tuple[int, str, str]:
     """`prepare_batch` in a worker process: the batch encoded the way the store stages it
     (`encode_table`), or the rejection (status, reason, message).
 
@@ -192,8 +192,7 @@ def prepare_batch_in_worker(
         table = prepare_batch(body, encoding, limits, received_at).table
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
-    staged: bytes = encode_table(table).to_pybytes()
-    return staged
+    return encode_table(table)
 
 
 class Decoder:

@@ -5,10 +5,12 @@ uses the other cores and leaves this process's GIL to the event loop (and to kop
 it). concurrent.futures' ProcessPoolExecutor did this at a cost the event loop's process paid per
 request: the body pickled into a pipe by a feeder thread, results read back by a manager thread,
 two thread hand-offs. Here the event loop writes the body to the worker's socket itself and
-reads the (small) answer back, with no thread in between.
+reads the answer back, with no thread in between and no copy it can avoid.
 
-Wire format, both ways: an 8-byte big-endian length, then that many bytes. A request is two of
-these frames (the pickled arguments, then the body as it is), an answer one (the pickled result).
+Wire format. A request is two frames, each an 8-byte big-endian length and that many bytes: the
+pickled arguments, then the body as it is. An answer is a kind byte and an 8-byte length, then
+that many bytes: a result that is a buffer (bytes, a pyarrow Buffer) as it is (kind R), any other
+result pickled (V), or the job's exception pickled (E).
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 _LENGTH = struct.Struct("!Q")
+_ANSWER = struct.Struct("!cQ")
+_RAW, _VALUE, _ERROR = b"R", b"V", b"E"
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 Job = Callable[[bytes, Any], Any]
-"""What a worker runs: `job(body, arguments)`; its result (or exception) must pickle."""
+"""What a worker runs: `job(body, arguments)`. A result that is a buffer comes back as a
+bytearray of its bytes; any other result (or exception) must pickle."""
 
 
 class WorkerDied(Exception):
@@ -41,37 +46,48 @@ class JobFailed(Exception):
 
 
 class _Worker:
-    """One worker process and this process's end of its socket."""
+    """One worker process and this process's end of its socket (non-blocking)."""
 
-    def __init__(
-        self, process: BaseProcess, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def __init__(self, process: BaseProcess, sock: socket.socket) -> None:
         self.process = process
-        self.reader = reader
-        self.writer = writer
+        self.sock = sock
 
     async def exchange(self, body: bytes, arguments: Any) -> tuple[bool, Any]:
         """Send a job, wait for the answer: (True, result) or (False, the exception)."""
+        loop = asyncio.get_running_loop()
         header = pickle.dumps(arguments)
-        self.writer.write(_LENGTH.pack(len(header)) + header + _LENGTH.pack(len(body)))
-        self.writer.write(body)
         try:
-            await self.writer.drain()
-            (size,) = _LENGTH.unpack(await self.reader.readexactly(_LENGTH.size))
-            answer: tuple[bool, Any] = pickle.loads(await self.reader.readexactly(size))
-        except (asyncio.IncompleteReadError, ConnectionError) as error:
+            await loop.sock_sendall(
+                self.sock, _LENGTH.pack(len(header)) + header + _LENGTH.pack(len(body))
+            )
+            await loop.sock_sendall(self.sock, body)
+            kind, size = _ANSWER.unpack(await self._receive(_ANSWER.size))
+            payload = await self._receive(size)
+        except ConnectionError as error:
             raise WorkerDied(f"worker process {self.process.pid} exited") from error
-        return answer
+        if kind == _RAW:
+            return True, payload
+        value = pickle.loads(payload)
+        return kind == _VALUE, value
+
+    async def _receive(self, size: int) -> bytearray:
+        """Exactly `size` bytes, received straight into the buffer returned."""
+        loop = asyncio.get_running_loop()
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        received = 0
+        while received < size:
+            count = await loop.sock_recv_into(self.sock, view[received:])
+            if count == 0:
+                raise ConnectionResetError("the worker closed its socket")
+            received += count
+        return buffer
 
     def stop(self, grace_seconds: float) -> None:
-        """Shut the socket down (the worker reads its end and exits); kill it after the grace.
-
-        Shut down here and now: closing the transport would only take effect on a later turn
-        of the event loop, which this (blocking) wait does not give it.
-        """
+        """Shut the socket down (the worker reads its end and exits); kill it after the grace."""
         with contextlib.suppress(OSError):
-            self.writer.get_extra_info("socket").shutdown(socket.SHUT_RDWR)
-        self.writer.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
         self.process.join(timeout=grace_seconds)
         if self.process.is_alive():
             self.process.kill()
@@ -152,8 +168,8 @@ class WorkerPool:
         )
         await asyncio.to_thread(process.start)
         theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
-        return _Worker(process, reader, writer)
+        ours.setblocking(False)
+        return _Worker(process, ours)
 
 
 def _serve(sock: socket.socket, job: Job) -> None:
@@ -167,18 +183,24 @@ def _serve(sock: socket.socket, job: Job) -> None:
             body = _receive_frame(sock)
             if body is None:
                 return
-            try:
-                answer = pickle.dumps((True, job(body, pickle.loads(header))))
-            except Exception as error:
-                answer = _pickled_failure(error)
-            sock.sendall(_LENGTH.pack(len(answer)) + answer)
+            kind, answer = _answer(job, body, header)
+            sock.sendall(_ANSWER.pack(kind, answer.nbytes))
+            sock.sendall(answer)
 
 
-def _pickled_failure(error: Exception) -> bytes:
+def _answer(job: Job, body: bytes, header: bytes) -> tuple[bytes, memoryview]:
+    """The kind and bytes of the answer to one request."""
     try:
-        return pickle.dumps((False, error))
-    except Exception:
-        return pickle.dumps((False, JobFailed(traceback.format_exc())))
+        result = job(body, pickle.loads(header))
+    except Exception as error:
+        try:
+            return _ERROR, memoryview(pickle.dumps(error))
+        except Exception:
+            return _ERROR, memoryview(pickle.dumps(JobFailed(traceback.format_exc())))
+    try:
+        return _RAW, memoryview(result).cast("B")
+    except TypeError:
+        return _VALUE, memoryview(pickle.dumps(result))
 
 
 def _receive_frame(sock: socket.socket) -> bytes | None:
