@@ -6,7 +6,8 @@ Generates a deterministic stream of realistic audit events (the real samples of
 ../shared/audit-samples, or the bundled examples, varied in user, verb, resource, namespace,
 name, code and auditID), then reports events/s for:
   - pyarrow.json.read_json of the same NDJSON bytes (the raw parse rate, for scale),
-  - auditwatch's decode_body + normalise of those bytes,
+  - auditwatch's decode_body + normalise of those bytes (the general path), and the fast path
+    (columnar.batch_from_json) over the same events as JSON arrays,
   - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches.
 Everything runs in this one process on one core (pyarrow's thread pool is limited to 1).
 """
@@ -29,6 +30,7 @@ import pyarrow.json as pajson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 
+from auditwatch.columnar import batch_from_json  # noqa: E402
 from auditwatch.decode import decode_body, decode_file  # noqa: E402
 from auditwatch.normalise import EventBatch, normalise  # noqa: E402
 from auditwatch.rules.evaluate import compile_rule  # noqa: E402
@@ -184,6 +186,10 @@ def main() -> None:
     print(
         f"decode_body + normalise     {rate(args.events, decoded)}  = {raw / decoded:.2f} x pyarrow"
     )
+    arrays = [b"[" + b",".join(c.splitlines()) + b"]" for c in chunks]
+    fast = best_of(args.runs, lambda: [batch_from_json(a, now) for a in arrays])
+    assert all(batch_from_json(a, now) is not None for a in arrays[:1]), "fast path not taken"
+    print(f"batch_from_json (arrays)    {rate(args.events, fast)}  = {raw / fast:.2f} x pyarrow")
 
     for count in (1, 10, 100):
         compiled = [compile_rule(parse_expression(text)) for text in rules(count)]
