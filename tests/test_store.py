@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,62 @@ def test_unreadable_parquet_file_does_not_stop_the_store(
         assert store.stats("s").events == 3
         assert len(store.append("s", normalise(events_with_ids("r2", 3), AT))) == 3
     assert str(broken) in caplog.text
+
+
+def test_failed_sync_keeps_nothing_and_the_retry_is_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fdatasync failing (an I/O error under the page cache): the batch is refused, forgotten by
+    de-duplication and cut from the segment, so its retry is stored exactly once."""
+    store = Store(tmp_path)
+    store.append("s", normalise(events_with_ids("ok", 5), AT))
+
+    def io_error(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", io_error)
+    with pytest.raises(StorageUnavailable, match="Input/output error"):
+        store.append("s", normalise(events_with_ids("failed", 5), AT))
+    monkeypatch.undo()
+
+    assert store.stats("s").events == 5
+    assert len(store.append("s", normalise(events_with_ids("failed", 5), AT))) == 5
+    assert len(store.append("s", normalise(events_with_ids("failed", 5), AT))) == 0
+    store.close()
+    assert sorted(stored_ids(tmp_path, "s")) == sorted(
+        [f"ok-{i}" for i in range(5)] + [f"failed-{i}" for i in range(5)]
+    )
+
+
+def test_concurrent_appends_are_each_durable_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends from many threads (as the receiver makes them) share fdatasyncs, and every one
+    returns only once a sync after its write has finished."""
+    synced: list[float] = []
+    real_fdatasync = os.fdatasync
+
+    def slow_fdatasync(fd: int) -> None:
+        time.sleep(0.01)  # a disk's flush latency, so that writes pile up behind it
+        real_fdatasync(fd)
+        synced.append(time.monotonic())
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    returned: list[float] = []
+    with Store(tmp_path) as store:
+
+        def post(thread: int) -> None:
+            for batch in range(10):
+                store.append("s", normalise(events_with_ids(f"t{thread}-{batch}", 4), AT))
+                returned.append(time.monotonic())
+
+        threads = [threading.Thread(target=post, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert store.stats("s").events == 8 * 10 * 4
+    assert len(synced) < 80  # shared: fewer syncs than appends
+    assert all(any(done <= answer for done in synced) for answer in returned)
+    expected = [f"t{t}-{b}-{i}" for t in range(8) for b in range(10) for i in range(4)]
+    assert sorted(stored_ids(tmp_path, "s")) == sorted(expected)

@@ -84,6 +84,14 @@ class DedupIndex:
                 mask.append(True)
         return Classified(mask, new_keys)
 
+    def forget(self, keys: list[str]) -> None:
+        """Undo `add(keys, ...)` (the same list): their events were not kept after all."""
+        self._seen.difference_update(keys)
+        for index in range(len(self._groups) - 1, -1, -1):  # most likely the last one
+            if self._groups[index][1] is keys:
+                del self._groups[index]
+                break
+
     def add(self, keys: list[str], ingest_us: int) -> None:
         """Remember keys kept at ingest time `ingest_us` (µs since epoch), then forget old ones."""
         if keys:

@@ -193,23 +193,38 @@ class Store:
                 staged = batch.staged if classified.all_new else None
                 if staged is None:
                     staged = batch_message(encode_table(new))
-                written = writer.append(staged, new.num_rows)
+                start = writer.size
+                end = writer.write(staged)
             except OSError as error:
                 self._abandon_writer(state)
                 raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
+            # Counted and remembered now, under the lock, so that a re-send arriving while this
+            # batch is being synced is a duplicate; undone below if the sync fails.
             received = _newest(new[INGEST_TIME])
             assert received is not None  # p_timestamp is not nullable
             state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
-            state.events += new.num_rows
-            state.staged_bytes += written
+            self._count(state, new.num_rows, end - start)
             state.saw(_newest(new[EVENT_TIME]), received)
-            with self._lock:
-                self._staged_total += written
             if writer.size >= self.segment_max_bytes:
                 self._rotate(state)
+        try:
+            writer.sync(end)  # outside the lock: batches written meanwhile share the fdatasync
+        except OSError as error:
+            with state.lock:
+                state.dedup.forget(classified.new_keys)
+                self._count(state, -new.num_rows, -(end - start))
+                if state.writer is writer:
+                    self._abandon_writer(state)
+            raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
         if classified.all_new:
             return batch
         return batch.filter(pa.array(classified.mask, pa.bool_()))
+
+    def _count(self, state: _Stream, events: int, staged_bytes: int) -> None:
+        state.events += events
+        state.staged_bytes += staged_bytes
+        with self._lock:
+            self._staged_total += staged_bytes
 
     def flush(self, now: datetime | None = None, *, everything: bool = False) -> list[Path]:
         """Convert staged segments to Parquet; returns the Parquet files written.
@@ -333,7 +348,7 @@ class Store:
             self._rotate(state)
         except OSError:
             state.writer = state.writer_name = None
-        if writer.rows == 0:
+        if writer.size == 0:
             state.closed = [c for c in state.closed if c.path != writer.path]
             # An empty or torn segment left here is removed again by recovery.
             with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,17 +124,25 @@ def read_table(stream: pa.Buffer) -> pa.Table:
 
 
 class SegmentWriter:
-    """Appends encoded batches (`batch_message`) to a new segment file; each append is durable
-    when it returns.
+    """Appends encoded batches (`batch_message`) to a new segment file.
 
-    After a failed append the writer must be abandoned (`close()`): the failed bytes are cut
-    off again when possible, and a fresh segment restarts the IPC stream cleanly.
+    A batch is durable once `sync` past its end returned: batches written while one fdatasync
+    runs share the next one (group commit), so the disk's flush latency is paid once per group,
+    not once per request, and outside the store's lock.
+
+    After a failed write or sync the writer must be abandoned (`close()`): the segment is cut
+    back to what was made durable (as far as the disk allows) and a fresh segment restarts the
+    IPC stream cleanly.
     """
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
         self.size = 0
-        self.rows = 0
+        self._durable = 0
+        self._failure: OSError | None = None
+        self._sync_lock = threading.Lock()
+        """Held through each fdatasync and by `close`: the descriptor is never synced while
+        being closed."""
         (self._schema_message,) = _messages(_encode_stream(schema, []))
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
         try:
@@ -142,9 +151,14 @@ class SegmentWriter:
             os.close(self._fd)
             raise
 
-    def append(self, message: pa.Buffer, rows: int) -> int:
-        """Write and fdatasync one encoded batch of `rows` events (after the schema, in a new
-        segment); returns the bytes added. Raises OSError on failure."""
+    def write(self, message: pa.Buffer) -> int:
+        """Write one encoded batch (after the schema, in a new segment).
+
+        Returns the offset its bytes end at, for `sync`. The caller serialises writes. Raises
+        OSError on failure.
+        """
+        if self._failure is not None:
+            raise OSError(f"segment {self.path.name} failed earlier: {self._failure}")
         parts = [message] if self.size else [self._schema_message, message]
         written = 0
         try:
@@ -155,19 +169,49 @@ class SegmentWriter:
                     count = os.write(self._fd, data[offset:])
                     offset += count
                     written += count
-            os.fdatasync(self._fd)
-        except OSError:
-            if written:
-                # Best effort: a cut-off batch is also dropped by recovery (it is torn).
-                with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self.size)
+        except OSError as error:
+            self._failure = error
             raise
         self.size += written
-        self.rows += rows
-        return written
+        return self.size
+
+    def sync(self, offset: int) -> None:
+        """Return once the segment is durable up to `offset`; raise OSError if it cannot be.
+
+        One fdatasync covers everything written before it, so a caller whose batch a sync of
+        another caller already covered returns at once.
+        """
+        with self._sync_lock:
+            if self._durable >= offset:
+                return
+            if self._failure is not None:
+                raise OSError(f"segment {self.path.name} failed earlier: {self._failure}")
+            size = self.size  # written so far: at least `offset`
+            try:
+                os.fdatasync(self._fd)
+            except OSError as error:
+                self._failure = error
+                raise
+            self._durable = size
 
     def close(self) -> None:
-        os.close(self._fd)
+        """Sync what was written and close. After a failure the file is cut back to what was
+        durable instead (best effort: recovery drops a torn batch anyway), and `size` no longer
+        counts the batches lost."""
+        with self._sync_lock:
+            try:
+                if self._failure is None and self._durable < self.size:
+                    try:
+                        os.fdatasync(self._fd)
+                        self._durable = self.size
+                    except OSError as error:
+                        self._failure = error
+                if self._failure is not None:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(self._fd, self._durable)
+                    self.size = self._durable
+            finally:
+                os.close(self._fd)
 
 
 @dataclass
