@@ -105,6 +105,10 @@ def test_event_text_is_the_senders_bytes(samples: Path) -> None:
         pytest.param(b'[{"auditID":"a","sourceIPs":["1.2.3.4",5]}]', id="non-string element"),
         pytest.param(b'[{"auditID":"a","annotations":{"k":1}}]', id="non-string annotation"),
         pytest.param(b'[{"auditID":5}]', id="number for a string"),
+        pytest.param(
+            b'[{"auditID":"a","requestObject":' + b"[" * 2000 + b"]" * 2000 + b"}]",
+            id="nested too deep",
+        ),
     ],
 )
 def test_bodies_it_cannot_be_sure_of_go_to_the_general_path(body: bytes) -> None:

@@ -276,6 +276,14 @@ BAD_REQUESTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
     ),
     ("JSON that is a string", "open", b'"hello"', {}, 400, "not an event"),
     (
+        "EventList nested 2,000 levels deep",
+        "open",
+        b'{"kind":"EventList","items":[{"auditID":"d1","x":' + b"[" * 2000 + b"]" * 2000 + b"}]}",
+        {},
+        400,
+        "depth limit",
+    ),
+    (
         "Vector envelope around plain text",
         "open",
         orjson.dumps([{"message": "GET /healthz 200", "source_type": "file"}]),

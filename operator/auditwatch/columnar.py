@@ -88,6 +88,10 @@ _EventList = msgspec.defstruct(
 _body_decoder = msgspec.json.Decoder(list[msgspec.Raw] | _EventList)
 _event_decoder = msgspec.json.Decoder(_Event)
 
+_NOT_SURE = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+"""What msgspec raises on a body the general path must judge (RecursionError: nesting deeper
+than msgspec goes, about 1,000 levels; orjson's limit is 1,024)."""
+
 _MARKER_COLUMNS = tuple(marker for marker in sorted(EVENT_MARKERS) if marker in TYPED_BY_COLUMN)
 
 
@@ -103,7 +107,7 @@ def _batch(data: bytes, received_at: datetime) -> EventBatch | None:
         return None
     try:
         events = list(map(_event_decoder.decode, items))
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _NOT_SURE:
         return None
     columns = [
         pa.array(list(map(reader, events)), arrow_type)
@@ -126,7 +130,7 @@ def _items(data: bytes) -> list[msgspec.Raw] | None:
             return None  # NDJSON or pretty-printed: the `event` text would not be one line
     try:
         body = _body_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except _NOT_SURE:
         return None
     if isinstance(body, list):
         return body
