@@ -44,9 +44,10 @@ class EventBatch:
     """A batch of audit events: the Arrow table (schema.EVENT_SCHEMA) and the parsed events.
 
     `events[i]` is row i of `table` as the dict the sender sent. The decoder already holds these
-    dicts, so they are kept rather than parsed again; a batch read back from storage (or from a
-    decoding worker process) parses them lazily from the `event` column: all at once through
-    `events`, or only the rows asked for through `event(i)`.
+    dicts, so they are kept rather than parsed again; a batch built by the fast path
+    (columnar.py), read back from storage or handed over by a decoding worker parses them lazily
+    from the `event` column: all at once through `events`, or only the rows asked for through
+    `event(i)`.
     """
 
     table: pa.Table

@@ -184,8 +184,8 @@ def prepare_batch_in_worker(
     """`prepare_batch` in a worker process: the batch encoded the way the store stages it
     (`encode_table`), or the rejection (status, reason, message).
 
-    The staging form is lz4-compressed Arrow, a fifth of the table's size, so handing it back
-    is cheap; encoding it here spares the receiving process, whose GIL the event loop needs.
+    Encoding here spares the receiving process, whose GIL the event loop needs: there the
+    table is read from these bytes without a copy, and the store writes them as they are.
     """
     encoding, limits, received_at = arguments
     try:
