@@ -433,3 +433,54 @@ def test_concurrent_appends_are_each_durable_once(
     assert all(any(done <= answer for done in synced) for answer in returned)
     expected = [f"t{t}-{b}-{i}" for t in range(8) for b in range(10) for i in range(4)]
     assert sorted(stored_ids(tmp_path, "s")) == sorted(expected)
+
+
+@pytest.mark.parametrize("sync_fails", [False, True], ids=["sync succeeds", "sync fails"])
+def test_a_resend_during_the_originals_sync_waits_for_its_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync_fails: bool
+) -> None:
+    """The apiserver re-sends a batch whose answer was late: the copy must not be acknowledged
+    as a duplicate before the original is durable, nor at all if the original's sync fails."""
+    in_sync, release = threading.Event(), threading.Event()
+    real_fdatasync = os.fdatasync
+    finished: list[float] = []
+
+    def held_fdatasync(fd: int) -> None:
+        in_sync.set()
+        release.wait(10)
+        finished.append(time.monotonic())
+        if sync_fails:
+            raise OSError(5, "Input/output error")
+        real_fdatasync(fd)
+
+    store = Store(tmp_path)
+    monkeypatch.setattr(os, "fdatasync", held_fdatasync)
+    outcome: dict[str, Any] = {}
+
+    def original() -> None:
+        try:
+            outcome["original"] = len(store.append("s", normalise(events_with_ids("r", 5), AT)))
+        except StorageUnavailable as error:
+            outcome["original"] = error
+
+    writer = threading.Thread(target=original)
+    writer.start()
+    assert in_sync.wait(10)
+    threading.Timer(0.2, release.set).start()
+    try:
+        resent = len(store.append("s", normalise(events_with_ids("r", 5), AT)))
+    except StorageUnavailable as error:
+        resent = error
+    answered = time.monotonic()
+    writer.join(10)
+    monkeypatch.undo()
+
+    assert finished and answered >= finished[0]
+    if sync_fails:
+        assert isinstance(outcome["original"], StorageUnavailable)
+        assert isinstance(resent, StorageUnavailable)
+        assert len(store.append("s", normalise(events_with_ids("r", 5), AT))) == 5
+    else:
+        assert (outcome["original"], resent) == (5, 0)
+    store.close()
+    assert sorted(stored_ids(tmp_path, "s")) == sorted(f"r-{i}" for i in range(5))

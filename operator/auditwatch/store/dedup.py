@@ -12,7 +12,7 @@ Memory is about 150 bytes per key (1 million keys: ~150 MB).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import cast
 
@@ -36,6 +36,8 @@ class Classified:
 
     mask: list[bool]
     new_keys: list[str]
+    kept_keys: list[str] = field(default_factory=list)
+    """Keys of rows left out because an earlier batch kept them."""
 
     @property
     def all_new(self) -> bool:
@@ -73,16 +75,20 @@ class DedupIndex:
         in_batch: set[str] = set()
         mask: list[bool] = []
         new_keys: list[str] = []
+        kept_keys: list[str] = []
         for key in keys:
             if key is None:
                 mask.append(True)
-            elif key in seen or key in in_batch:
+            elif key in seen:
+                kept_keys.append(key)
+                mask.append(False)
+            elif key in in_batch:
                 mask.append(False)
             else:
                 in_batch.add(key)
                 new_keys.append(key)
                 mask.append(True)
-        return Classified(mask, new_keys)
+        return Classified(mask, new_keys, kept_keys)
 
     def forget(self, keys: list[str]) -> None:
         """Undo `add(keys, ...)` (the same list): their events were not kept after all."""

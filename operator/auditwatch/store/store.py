@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from auditwatch.normalise import EventBatch
 from auditwatch.schema import EVENT_SCHEMA, EVENT_TIME, INGEST_TIME
-from auditwatch.store.dedup import DEFAULT_MAX_KEYS, DEFAULT_WINDOW, DedupIndex
+from auditwatch.store.dedup import DEFAULT_MAX_KEYS, DEFAULT_WINDOW, Classified, DedupIndex
 from auditwatch.store.errors import StorageUnavailable, StoreLocked
 from auditwatch.store.fsutil import fsync_dir, make_dirs
 from auditwatch.store.layout import (
@@ -81,6 +81,17 @@ class _ClosedSegment:
     size: int
 
 
+@dataclass(eq=False)
+class _Unsynced:
+    """A batch written but maybe not durable yet: its segment, where it ends, its keys."""
+
+    writer: SegmentWriter
+    end: int
+    keys: list[str]
+    events: int
+    bytes: int
+
+
 @dataclass
 class _Stream:
     """Per-stream state; `lock` serialises appends and guards every field."""
@@ -92,6 +103,9 @@ class _Stream:
     writer: SegmentWriter | None = None
     writer_name: SegmentName | None = None
     closed: list[_ClosedSegment] = field(default_factory=list)
+    unsynced: list[_Unsynced] = field(default_factory=list)
+    """Batches between their write and the end of their sync, oldest first: a re-send of their
+    events is a duplicate, but acknowledged only once they are durable."""
     events: int = 0
     parquet_bytes: int = 0
     staged_bytes: int = 0
@@ -162,7 +176,8 @@ class Store:
     # --- public API ---------------------------------------------------------------------
 
     def append(self, stream: str, batch: EventBatch) -> EventBatch:
-        """Keep the events of `batch` not kept before; returns them once they are durable.
+        """Keep the events of `batch` not kept before; returns them once they are durable (and
+        once the earlier copies of the events it left out are: a re-send may overtake them).
 
         Raises StorageUnavailable (nothing kept, nothing remembered: the retry stores it) or
         ValueError for a batch that does not have the event schema.
@@ -179,46 +194,87 @@ class Store:
             if self._closed:
                 raise StorageUnavailable("the store is closed")
             classified = state.dedup.classify(table)
-            if not classified.any_new:
-                return batch.filter(pa.array(classified.mask, pa.bool_()))
-            new = table if classified.all_new else table.filter(pa.array(classified.mask))
-            with self._lock:
-                if self._staged_total > self.max_staged_bytes:
-                    raise StorageUnavailable(
-                        f"{self._staged_total} bytes wait for conversion to Parquet "
-                        f"(limit {self.max_staged_bytes})"
-                    )
-            try:
-                writer = state.writer or self._open_segment(state)
-                staged = batch.staged if classified.all_new else None
-                if staged is None:
-                    staged = batch_message(encode_table(new))
-                start = writer.size
-                end = writer.write(staged)
-            except OSError as error:
-                self._abandon_writer(state)
-                raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
-            # Counted and remembered now, under the lock, so that a re-send arriving while this
-            # batch is being synced is a duplicate; undone below if the sync fails.
-            received = _newest(new[INGEST_TIME])
-            assert received is not None  # p_timestamp is not nullable
-            state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
-            self._count(state, new.num_rows, end - start)
-            state.saw(_newest(new[EVENT_TIME]), received)
-            if writer.size >= self.segment_max_bytes:
-                self._rotate(state)
-        try:
-            writer.sync(end)  # outside the lock: batches written meanwhile share the fdatasync
-        except OSError as error:
-            with state.lock:
-                state.dedup.forget(classified.new_keys)
-                self._count(state, -new.num_rows, -(end - start))
-                if state.writer is writer:
-                    self._abandon_writer(state)
-            raise StorageUnavailable(f"cannot write stream {stream!r}: {error}") from error
+            originals = self._unsynced_originals(state, classified.kept_keys)
+            written = self._write_new(state, batch, classified) if classified.any_new else None
+        if written is not None:
+            self._sync(state, written)
+        self._await_durable(stream, originals)
         if classified.all_new:
             return batch
         return batch.filter(pa.array(classified.mask, pa.bool_()))
+
+    def _write_new(self, state: _Stream, batch: EventBatch, classified: Classified) -> _Unsynced:
+        """Write the batch's new rows to the stream's segment (caller holds the lock).
+
+        They are counted and their keys remembered now, so that a re-send arriving while they
+        are being synced is a duplicate (acknowledged once they are durable); `_sync` undoes
+        all of it if the sync fails.
+        """
+        table = batch.table
+        new = table if classified.all_new else table.filter(pa.array(classified.mask))
+        with self._lock:
+            if self._staged_total > self.max_staged_bytes:
+                raise StorageUnavailable(
+                    f"{self._staged_total} bytes wait for conversion to Parquet "
+                    f"(limit {self.max_staged_bytes})"
+                )
+        try:
+            writer = state.writer or self._open_segment(state)
+            staged = batch.staged if classified.all_new else None
+            if staged is None:
+                staged = batch_message(encode_table(new))
+            start = writer.size
+            end = writer.write(staged)
+        except OSError as error:
+            self._abandon_writer(state)
+            raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
+        received = _newest(new[INGEST_TIME])
+        assert received is not None  # p_timestamp is not nullable
+        state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
+        written = _Unsynced(writer, end, classified.new_keys, new.num_rows, end - start)
+        state.unsynced.append(written)
+        self._count(state, written.events, written.bytes)
+        state.saw(_newest(new[EVENT_TIME]), received)
+        if writer.size >= self.segment_max_bytes:
+            self._rotate(state)
+        return written
+
+    def _sync(self, state: _Stream, written: _Unsynced) -> None:
+        """Make a written batch durable, outside the lock (batches written meanwhile share the
+        fdatasync); if that fails, undo its counts and keys and cut its segment back."""
+        try:
+            written.writer.sync(written.end)
+        except OSError as error:
+            with state.lock:
+                state.unsynced.remove(written)
+                state.dedup.forget(written.keys)
+                self._count(state, -written.events, -written.bytes)
+                if state.writer is written.writer:
+                    self._abandon_writer(state)
+            raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
+
+    @staticmethod
+    def _unsynced_originals(state: _Stream, kept_keys: list[str]) -> list[_Unsynced]:
+        """The batches not yet known durable that hold events `kept_keys` name (caller holds
+        the stream's lock); the durable ones are dropped from the list on the way."""
+        state.unsynced = [u for u in state.unsynced if not u.writer.durable_to(u.end)]
+        if not kept_keys or not state.unsynced:
+            return []
+        kept = set(kept_keys)
+        return [u for u in state.unsynced if not kept.isdisjoint(u.keys)]
+
+    @staticmethod
+    def _await_durable(stream: str, originals: list[_Unsynced]) -> None:
+        """Return once the batches holding a re-sent batch's events are durable (outside the
+        lock); StorageUnavailable if one of them failed: the sender's retry then stores it."""
+        for original in originals:
+            try:
+                original.writer.sync(original.end)
+            except OSError as error:
+                raise StorageUnavailable(
+                    f"cannot write stream {stream!r}: an earlier copy of these events failed: "
+                    f"{error}"
+                ) from error
 
     def _count(self, state: _Stream, events: int, staged_bytes: int) -> None:
         state.events += events

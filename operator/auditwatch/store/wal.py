@@ -175,6 +175,10 @@ class SegmentWriter:
         self.size += written
         return self.size
 
+    def durable_to(self, offset: int) -> bool:
+        """Whether a sync already made the segment durable up to `offset`."""
+        return self._durable >= offset
+
     def sync(self, offset: int) -> None:
         """Return once the segment is durable up to `offset`; raise OSError if it cannot be.
 
