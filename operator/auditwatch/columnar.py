@@ -15,7 +15,6 @@ an event, text that is not UTF-8. tests/test_columnar.py holds the two paths equ
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from itertools import accumulate
@@ -26,30 +25,20 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditwatch.decode import EVENT_MARKERS, collector_paused
-from auditwatch.normalise import TIME_KEYS, EventBatch, assemble
+from auditwatch.decode import EVENT_MARKERS, NON_SPACE, collector_paused
+from auditwatch.normalise import LEAVES, EventBatch, assemble, column_kind
 from auditwatch.schema import TYPED_BY_COLUMN, TYPED_FIELDS
 
 _INT64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
-_LEAVES: tuple[tuple[tuple[str, ...], Any], ...] = tuple(
-    (f.path, f.type) for f in TYPED_FIELDS
-) + tuple(((key,), pa.string()) for key in TIME_KEYS)
-"""Every value read from an event: the typed columns', then the candidate event times."""
-
-_NON_SPACE = re.compile(rb"\S")
-
-
-def _value_type(arrow_type: pa.DataType) -> Any:
-    """The type msgspec checks a leaf against: exactly the JSON values its column keeps
-    (msgspec is strict: no float for an int, no boolean for either); null is None."""
-    if pa.types.is_map(arrow_type):
-        return dict[str, str] | None
-    if pa.types.is_list(arrow_type):
-        return list[str] | None
-    if pa.types.is_integer(arrow_type):
-        return _INT64 | None
-    return str | None
+_VALUE_TYPES: dict[str, Any] = {
+    "map": dict[str, str] | None,
+    "list": list[str] | None,
+    "int": _INT64 | None,
+    "string": str | None,
+}
+"""The type msgspec checks a leaf against, by `column_kind`: exactly the JSON values its column
+keeps (msgspec is strict: no float for an int, no boolean for either); null is None."""
 
 
 def _struct(name: str, leaves: Sequence[tuple[tuple[str, ...], Any]]) -> type[msgspec.Struct]:
@@ -65,17 +54,15 @@ def _struct(name: str, leaves: Sequence[tuple[tuple[str, ...], Any]]) -> type[ms
     fields: list[tuple[str, Any, Any]] = []
     for key, group in children.items():
         if len(group) == 1 and not group[0][0]:
-            fields.append((key, _value_type(group[0][1]), None))
+            fields.append((key, _VALUE_TYPES[column_kind(group[0][1])], None))
         else:
             nested = _struct(f"{name}_{key}", group)
             fields.append((key, nested, msgspec.field(default_factory=nested)))
     return msgspec.defstruct(name, fields, gc=False)
 
 
-_Event = _struct("Event", _LEAVES)
-_READERS: tuple[Callable[[Any], Any], ...] = tuple(
-    attrgetter(".".join(path)) for path, _ in _LEAVES
-)
+_Event = _struct("Event", LEAVES)
+_READERS: tuple[Callable[[Any], Any], ...] = tuple(attrgetter(".".join(path)) for path, _ in LEAVES)
 
 _EventList = msgspec.defstruct(
     "EventList",
@@ -111,7 +98,7 @@ def _batch(data: bytes, received_at: datetime) -> EventBatch | None:
         return None
     columns = [
         pa.array(list(map(reader, events)), arrow_type)
-        for reader, (_, arrow_type) in zip(_READERS, _LEAVES, strict=True)
+        for reader, (_, arrow_type) in zip(_READERS, LEAVES, strict=True)
     ]
     typed, times = columns[: len(TYPED_FIELDS)], columns[len(TYPED_FIELDS) :]
     if not _all_events(typed):
@@ -126,7 +113,7 @@ def _items(data: bytes) -> list[msgspec.Raw] | None:
     """The raw items of a one-line array or EventList; None for any other body."""
     for line_break in (b"\n", b"\r"):
         at = data.find(line_break)
-        if at != -1 and _NON_SPACE.search(data, at) is not None:
+        if at != -1 and NON_SPACE.search(data, at) is not None:
             return None  # NDJSON or pretty-printed: the `event` text would not be one line
     try:
         body = _body_decoder.decode(data)

@@ -35,7 +35,7 @@ _READ_SIZE = 4 * MiB
 EVENT_MARKERS = frozenset(("auditID", "verb", "stage", "requestURI"))
 """Keys every audit.k8s.io Event (v1 and older) carries and no envelope does."""
 
-_NON_SPACE = re.compile(rb"\S")
+NON_SPACE = re.compile(rb"\S")
 """Anything but the whitespace `bytes.isspace` skips (blank lines are not NDJSON lines)."""
 
 _ENVELOPE_KEYS = ("message", "log")
@@ -183,7 +183,7 @@ def decode_json(data: bytes) -> list[dict[str, Any]]:
     """The audit events in decompressed JSON text (the shapes of `decode_body`)."""
     if data.startswith(_BOM):
         data = data[len(_BOM) :]
-    first = _NON_SPACE.search(data)
+    first = NON_SPACE.search(data)
     if first is None:
         raise DecodeError("empty body")
     events: list[dict[str, Any]] = []
@@ -225,7 +225,7 @@ def _is_ndjson(data: bytes, first: int) -> bool:
     orjson's error copies the whole body into a str (15% of decoding).
     """
     end = data.find(b"\n", first)
-    if end == -1 or _NON_SPACE.search(data, end) is None:
+    if end == -1 or NON_SPACE.search(data, end) is None:
         return False
     try:
         orjson.loads(data[data.rfind(b"\n", 0, first) + 1 : end])

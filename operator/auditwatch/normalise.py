@@ -122,7 +122,7 @@ def typed_value(event: dict[str, Any], typed: TypedField) -> Any:
         if not isinstance(value, dict):
             return None
         value = value.get(key)
-    return _CONFORM[_kind(typed.type)](value)
+    return _CONFORM[column_kind(typed.type)](value)
 
 
 def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch:
@@ -192,7 +192,7 @@ class _PathValues:
 _EMPTY: dict[str, Any] = {}
 
 
-def _kind(arrow_type: pa.DataType) -> str:
+def column_kind(arrow_type: pa.DataType) -> str:
     if pa.types.is_map(arrow_type):
         return "map"
     if pa.types.is_list(arrow_type):
@@ -232,16 +232,17 @@ _CONFORM: dict[str, Callable[[Any], Any]] = {
 }
 
 
-class _Leaf(NamedTuple):
+class Leaf(NamedTuple):
     """A value normalise reads from every event: a typed column's, or a candidate event time."""
 
     path: tuple[str, ...]
     type: pa.DataType
 
 
-_LEAVES = tuple(_Leaf(f.path, f.type) for f in TYPED_FIELDS) + tuple(
-    _Leaf((key,), pa.string()) for key in TIME_KEYS
+LEAVES = tuple(Leaf(f.path, f.type) for f in TYPED_FIELDS) + tuple(
+    Leaf((key,), pa.string()) for key in TIME_KEYS
 )
+"""Every value read from an event: the typed columns', then the candidate event times."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -251,22 +252,22 @@ class _Subtree:
 
     key: str
     type: pa.DataType
-    leaves: tuple[_Leaf, ...]
+    leaves: tuple[Leaf, ...]
 
 
-def _nested_type(leaves: Sequence[_Leaf], depth: int) -> pa.DataType:
+def _nested_type(leaves: Sequence[Leaf], depth: int) -> pa.DataType:
     """The type of the value `depth` keys down the common path of `leaves`."""
     if len(leaves) == 1 and len(leaves[0].path) == depth:
         return leaves[0].type
-    children: dict[str, list[_Leaf]] = {}
+    children: dict[str, list[Leaf]] = {}
     for leaf in leaves:
         children.setdefault(leaf.path[depth], []).append(leaf)
     return pa.struct([(key, _nested_type(group, depth + 1)) for key, group in children.items()])
 
 
 def _subtrees() -> tuple[_Subtree, ...]:
-    by_key: dict[str, list[_Leaf]] = {}
-    for leaf in _LEAVES:
+    by_key: dict[str, list[Leaf]] = {}
+    for leaf in LEAVES:
         by_key.setdefault(leaf.path[0], []).append(leaf)
     return tuple(
         _Subtree(key, _nested_type(leaves, 1), tuple(leaves)) for key, leaves in by_key.items()
@@ -307,7 +308,7 @@ def _arrow_is_exact(values: _PathValues, tree: _Subtree) -> bool:
     return _no_silent_clash(values.at((tree.key,)), tree.type)
 
 
-def _leaf_column(values: _PathValues, leaf: _Leaf, subtree: pa.Array | None) -> pa.Array:
+def _leaf_column(values: _PathValues, leaf: Leaf, subtree: pa.Array | None) -> pa.Array:
     """A leaf's column from its converted subtree, else built from its own values."""
     if subtree is None:
         return _typed_column(values.at(leaf.path), leaf.type)
@@ -320,7 +321,7 @@ def _typed_column(values: list[Any], arrow_type: pa.DataType) -> pa.Array:
     """The column `typed_value` defines: one `pa.array` call unless a value clashes."""
     column = _convert(values, arrow_type) if _no_silent_clash(values, arrow_type) else None
     if column is None:
-        conform = _CONFORM[_kind(arrow_type)]
+        conform = _CONFORM[column_kind(arrow_type)]
         column = pa.array([conform(value) for value in values], arrow_type)
     return column
 
@@ -362,14 +363,14 @@ def _no_silent_clash(values: Iterable[Any], arrow_type: pa.DataType) -> bool:
             _no_silent_clash(map(dict.get, filter(None, parents), repeat(child.name)), child.type)
             for child in children
         )
-    expected = _EXPECTED_TYPES.get(_kind(arrow_type))
+    expected = _EXPECTED_TYPES.get(column_kind(arrow_type))
     return expected is None or set(map(type, values)) <= expected
 
 
 def _may_clash_silently(arrow_type: pa.DataType) -> bool:
     if pa.types.is_struct(arrow_type):
         return any(_may_clash_silently(child.type) for child in arrow_type)
-    return _kind(arrow_type) in _EXPECTED_TYPES
+    return column_kind(arrow_type) in _EXPECTED_TYPES
 
 
 def _event_time(candidates: list[pa.Array]) -> pa.Array:

@@ -204,7 +204,6 @@ class Decoder:
     """
 
     def __init__(self, workers: int) -> None:
-        self.workers = workers
         self._pool = WorkerPool(workers, prepare_batch_in_worker) if workers else None
 
     async def prepare(
