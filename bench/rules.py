@@ -3,7 +3,7 @@
     python bench/rules.py [--events 300000] [--batch 10000]
 
 Generates a deterministic stream of realistic audit events (the real samples of
-../shared/audit-samples, or the bundled examples, varied in user, verb, resource, namespace,
+tests/data/audit-samples, varied in user, verb, resource, namespace,
 name, code and auditID), then reports events/s for:
   - pyarrow.json.read_json of the same NDJSON bytes (the raw parse rate, for scale),
   - auditwatch's decode_body + normalise of those bytes (the general path), and the fast path
@@ -36,7 +36,7 @@ from auditwatch.normalise import EventBatch, normalise  # noqa: E402
 from auditwatch.rules.evaluate import compile_rule  # noqa: E402
 from auditwatch.rules.parse import parse_expression  # noqa: E402
 
-SAMPLES = ROOT.parent / "shared" / "audit-samples"
+SAMPLES = ROOT / "tests" / "data" / "audit-samples"
 
 USERS = [
     "system:serviceaccount:default:authorized-user",
@@ -90,8 +90,8 @@ the next. Everything else in the event is skipped, so this is the rate of parsin
 
 
 def templates() -> list[dict[str, Any]]:
-    """Real events to vary: the shared samples when present, else the bundled example log."""
-    files = sorted(SAMPLES.glob("*.log")) if SAMPLES.is_dir() else []
+    """Real events to vary: the audit samples the tests use (tests/data/audit-samples)."""
+    files = sorted(SAMPLES.glob("*.log"))
     events: list[dict[str, Any]] = []
     for file in files:
         events.extend(decode_file(file))

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real audit samples beside the repository, and the fake Kubernetes API.
+"""Shared fixtures: the real audit samples in tests/data, and the fake Kubernetes API.
 
 Tests that need a tool (Alertmanager, kubectl, Lua) skip where it is missing; with
 AUDITWATCH_REQUIRE_TOOLS=1 (set by .ci/run, which installs them) such a skip fails instead, so
@@ -13,17 +13,16 @@ from pathlib import Path
 
 import pytest
 from tests.kubefake.fixtures import kube_fake
+from tests.sample_data import SAMPLES
 
 __all__ = ["kube_fake"]
 
 SKIPS_ALLOWED_IN_CI = ("needs a real cluster",)
 
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "audit-samples"
-
 
 @pytest.fixture(scope="session")
 def samples() -> Path:
-    """../shared/audit-samples: real events from real clusters (read-only)."""
+    """tests/data/audit-samples: real events from real clusters (see its README for provenance)."""
     if not SAMPLES.is_dir():
         pytest.fail(f"the audit samples are missing: expected them at {SAMPLES}")
     return SAMPLES

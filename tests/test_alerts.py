@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.sample_data import SAMPLES
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError, render_message
 from auditwatch.config.model import AlertSpec, RepeatSpec, TargetSpec
 from auditwatch.rules.ast import Compare, Field, Op, Rule
 
-SAMPLES = Path("/work/shared/audit-samples")
 T0 = datetime(2024, 10, 29, 12, 0, tzinfo=UTC)
 
 

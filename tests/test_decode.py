@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 import zstandard
+from tests.sample_data import SAMPLES
 
 from auditwatch.decode import (
     BodyTooLarge,
@@ -22,7 +23,6 @@ from auditwatch.decode import (
 )
 from auditwatch.normalise import normalise
 
-SAMPLES = Path("/work/shared/audit-samples")
 RECEIVED = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 

@@ -1,6 +1,6 @@
 """The shipped detections (examples/detections/) catch what they say, and stay quiet next to it.
 
-Every detection is evaluated over one corpus: the real audit logs of /work/shared/audit-samples
+Every detection is evaluated over one corpus: the real audit logs of tests/data/audit-samples
 plus the hand-written events of tests/detection_events/ (real API shapes for what the samples
 lack, including near-misses). Each test names exactly which events fire, so a detection that
 starts firing on a near-miss, or stops firing on an attack, fails loudly. Both evaluators run:
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tests.sample_data import SAMPLES
 
 from auditwatch import paths
 from auditwatch.decode import decode_file
@@ -33,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 DETECTIONS_DIR = REPO / "examples" / "detections"
 DOCS = REPO / "docs" / "detections.md"
 EVENTS_DIR = Path(__file__).resolve().parent / "detection_events"
-SAMPLES_DIR = Path("/work/shared/audit-samples")
+SAMPLES_DIR = SAMPLES
 SAMPLE_LOGS = sorted(SAMPLES_DIR.glob("*.log"))
 
 SEVERITIES = {"info", "low", "medium", "high", "critical"}

@@ -12,12 +12,12 @@ import pyarrow.compute as pc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.sample_data import SAMPLES
 
 from auditwatch.decode import decode_file
 from auditwatch.normalise import EventBatch, from_table, normalise, typed_value
 from auditwatch.schema import EVENT_SCHEMA, TYPED_BY_COLUMN, TYPED_FIELDS
 
-SAMPLES = Path("/work/shared/audit-samples")
 RECEIVED = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
 

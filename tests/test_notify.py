@@ -12,13 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from tests.sample_data import SAMPLES
 
 from alertmanager_fixture import alertmanager
 from auditwatch.alerts import AlertTracker, Notice
@@ -28,7 +28,6 @@ from auditwatch.rules.ast import Compare, Field, Op, Rule
 
 __all__ = ["alertmanager"]  # the fixture is used by name below
 
-SAMPLES = Path("/work/shared/audit-samples")
 EXEC_EVENT = json.loads((SAMPLES / "pod-exec.log").read_text().splitlines()[0])
 T0 = datetime(2024, 10, 29, 12, 0, tzinfo=UTC)
 FAST = RetryPolicy(attempts=3, initial=0.01, factor=2, max_delay=0.05)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from tests.sample_data import SAMPLES
 
 from auditwatch.config.schema import parse_duration
 from auditwatch.normalise import normalise
@@ -17,7 +18,6 @@ from auditwatch.rules.parse import parse_expression
 from auditwatch.rules.reference import matches
 from auditwatch.store import Store, parse_time_bound, query
 
-SAMPLES = Path("/work/shared/audit-samples")
 AT = datetime(2024, 5, 1, 10, 15, 30, tzinfo=UTC)
 
 

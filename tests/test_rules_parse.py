@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.sample_data import SAMPLES
 
 from auditwatch.rules import ast
 from auditwatch.rules.ast import And, Compare, Exists, Field, Not, Op, Or
@@ -18,7 +19,6 @@ from auditwatch.rules.errors import RuleError
 from auditwatch.rules.parse import MAX_NESTING, parse_expression, parse_rule
 from auditwatch.rules.printer import print_expression
 
-SAMPLES = Path("/work/shared/audit-samples")
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "rules.md"
 
 

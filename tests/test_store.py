@@ -18,12 +18,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from tests.sample_data import SAMPLES
 
 from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_SCHEMA
 from auditwatch.store import StorageUnavailable, Store, StoreLocked
 
-SAMPLES = Path("/work/shared/audit-samples")
 OPERATOR_DIR = Path(__file__).resolve().parent.parent / "operator"
 AT = datetime(2024, 5, 1, 10, 15, 30, tzinfo=UTC)
 
