@@ -324,7 +324,101 @@ def test_labels_and_severity() -> None:
 
 def test_check_stream() -> None:
     spec = build_alert(alert(), NO_SECRETS)
-    check_stream(spec, {"auditdemo"})
     with pytest.raises(ConfigError, match="no usable AuditStream named 'auditdemo'") as caught:
-        check_stream(spec, {"other"})
+        check_stream(spec, {"other": build_stream(stream(), NO_SECRETS)})
     assert caught.value.reason == "StreamNotFound"
+
+
+def alert_in(namespace: str) -> model.AlertSpec:
+    resource = alert()
+    resource["metadata"]["namespace"] = namespace
+    return build_alert(resource, NO_SECRETS)
+
+
+def streams_granting(allowed: dict[str, Any], home: str = "auditwatch") -> dict[str, Any]:
+    return {"auditdemo": build_stream(stream(allowedAlerts=allowed), NO_SECRETS, home)}
+
+
+def test_by_default_an_alert_sees_only_its_own_namespace_and_the_home_namespace_all() -> None:
+    granted = streams_granting({})
+    tenant = check_stream(alert_in("team-a"), granted)
+    assert (tenant.cluster_wide, tenant.scope) == (False, "team-a")
+    platform = check_stream(alert_in("auditwatch"), granted)
+    assert (platform.cluster_wide, platform.scope) == (True, None)
+
+
+def test_a_stream_admitting_only_the_same_namespace_refuses_a_tenant() -> None:
+    granted = streams_granting({"namespaces": {"from": "Same"}})
+    with pytest.raises(ConfigError) as caught:
+        check_stream(alert_in("team-a"), granted)
+    assert caught.value.reason == "StreamNotGranted"
+    assert "'team-a'" in caught.value.message and "'auditdemo'" in caught.value.message
+    assert check_stream(alert_in("auditwatch"), granted).cluster_wide
+
+
+def test_selectors_match_namespace_labels() -> None:
+    granted = streams_granting(
+        {
+            "namespaces": {
+                "from": "Selector",
+                "selector": {"matchExpressions": [{"key": "tenant", "operator": "Exists"}]},
+            },
+            "clusterWide": {
+                "from": "Selector",
+                "selector": {
+                    "matchLabels": {"tier": "platform"},
+                    "matchExpressions": [
+                        {"key": "env", "operator": "In", "values": ["prod", "stage"]},
+                        {"key": "frozen", "operator": "DoesNotExist"},
+                        {"key": "team", "operator": "NotIn", "values": ["guests"]},
+                    ],
+                },
+            },
+        }
+    )
+    labels = {
+        "team-a": {"tenant": "a"},
+        "sec": {"tenant": "s", "tier": "platform", "env": "prod"},
+        "sec-frozen": {"tenant": "s", "tier": "platform", "env": "prod", "frozen": "1"},
+        "sec-guests": {"tenant": "s", "tier": "platform", "env": "prod", "team": "guests"},
+        "sec-dev": {"tenant": "s", "tier": "platform", "env": "dev"},
+    }
+    with pytest.raises(ConfigError, match="does not admit"):
+        check_stream(alert_in("unlabelled"), granted, labels)
+    wide = {ns: check_stream(alert_in(ns), granted, labels).cluster_wide for ns in labels}
+    assert wide == {
+        "team-a": False,
+        "sec": True,
+        "sec-frozen": False,
+        "sec-guests": False,
+        "sec-dev": False,
+    }
+
+
+def test_from_none_grants_nobody_the_cluster() -> None:
+    granted = streams_granting({"clusterWide": {"from": "None"}})
+    assert check_stream(alert_in("auditwatch"), granted).scope == "auditwatch"
+
+
+def test_all_grants_every_namespace_the_cluster() -> None:
+    granted = streams_granting({"clusterWide": {"from": "All"}})
+    assert check_stream(alert_in("team-a"), granted).scope is None
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    [
+        {"namespaces": {"from": "Selector"}},
+        {"clusterWide": {"from": "All", "selector": {"matchLabels": {"a": "b"}}}},
+    ],
+)
+def test_a_selector_goes_with_from_selector_only(allowed: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match="a selector goes with from: Selector") as caught:
+        build_stream(stream(allowedAlerts=allowed), NO_SECRETS)
+    assert caught.value.reason == "InvalidSpec"
+
+
+def test_an_unknown_source_is_refused_by_the_schema() -> None:
+    with pytest.raises(ConfigError, match="Everyone") as caught:
+        build_stream(stream(allowedAlerts={"namespaces": {"from": "Everyone"}}), NO_SECRETS)
+    assert caught.value.reason == "InvalidSpec"

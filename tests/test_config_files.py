@@ -301,3 +301,35 @@ def test_resource_error_reads_as_file_resource_problem(tmp_path: Path) -> None:
     assert str(error) == f"{tmp_path / 'a.yaml'}: AuditAlert/x: spec.rule.config: x"
     whole_file = ResourceError(tmp_path / "a.yaml", "", "InvalidYAML", "line 1, column 2: bad")
     assert str(whole_file) == f"{tmp_path / 'a.yaml'}: line 1, column 2: bad"
+
+
+def test_namespace_documents_label_namespaces_for_a_streams_grant(tmp_path: Path) -> None:
+    """Standalone mode applies the same grant: alerts outside it are Invalid, the others see
+    their own namespace or, where a Namespace document's labels say so, the whole stream."""
+    granting = STREAM.replace(
+        "spec:\n",
+        "spec:\n"
+        "  allowedAlerts:\n"
+        "    namespaces: {from: Selector, selector: {matchLabels: {tenant: 'yes'}}}\n"
+        "    clusterWide:\n"
+        "      from: Selector\n"
+        "      selector: {matchExpressions: [{key: tier, operator: In, values: [platform]}]}\n",
+    )
+    namespaces = "".join(
+        f"---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {labels}\n"
+        for name, labels in (
+            ("team-a", "{tenant: 'yes'}"),
+            ("sec", "{tenant: 'yes', tier: platform}"),
+            ("other", "{}"),
+        )
+    )
+    write(tmp_path / "stream.yaml", f"{granting}---\n{SECRET}{namespaces}")
+    for namespace in ("team-a", "sec", "other"):
+        document = alert_yaml().replace("metadata:\n", f"metadata:\n  namespace: {namespace}\n")
+        write(tmp_path / f"{namespace}.yaml", document)
+    config = load_directory(tmp_path)
+    assert config.alerts["team-a/secret-read"].scope == "team-a"
+    assert config.alerts["sec/secret-read"].scope is None
+    assert config.invalid_alerts["other/secret-read"].reason == "StreamNotGranted"
+    [error] = config.errors
+    assert "namespace 'other'" in str(error)

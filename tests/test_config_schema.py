@@ -190,5 +190,6 @@ def test_apply_defaults_on_a_stream_without_spec() -> None:
     resource = stream()
     del resource["spec"]
     assert schema.apply_defaults(resource)["spec"] == {
-        "limits": {"maxBodyBytes": 10 * 1024 * 1024, "maxEventBytes": 1024 * 1024}
+        "allowedAlerts": {"namespaces": {"from": "All"}, "clusterWide": {"from": "Same"}},
+        "limits": {"maxBodyBytes": 10 * 1024 * 1024, "maxEventBytes": 1024 * 1024},
     }

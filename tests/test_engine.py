@@ -6,6 +6,7 @@ Real storage in tmp_path and real notifications to a local webhook sink.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -317,3 +318,49 @@ async def test_a_stream_condition_is_not_shared_with_an_alert(tmp_path: Path) ->
     later = engine.status()["streams"]["audit"]["conditions"][0]["lastTransitionTime"]
     await engine.close()
     assert later == first
+
+
+def alert_in_namespace(namespace: str, name: str, rule: str, endpoint: str) -> AlertSpec:
+    document = alert_doc(name, "audit", rule, endpoint, interval="1h", message="{requestObject}")
+    document["metadata"]["namespace"] = namespace
+    return build_alert(document, no_secrets)
+
+
+async def test_a_tenants_alert_sees_only_events_about_its_own_namespace(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    """The default grant: a namespaced alert gets nothing of other namespaces, nor of
+    cluster-scoped requests, even through its message template; the home namespace (`default`
+    in standalone mode) sees everything."""
+    engine = Engine(tmp_path / "data")
+    tenant = alert_in_namespace("team-a", "secrets", SECRET_READS, sink.url)
+    platform = alert_in_namespace("default", "secrets", SECRET_READS, sink.url)
+    engine.apply(streams("audit"), alerts(tenant, platform))
+
+    def reads(prefix: str, count: int, namespace: str | None) -> list[dict[str, Any]]:
+        ref = {"resource": "secrets", "name": "token"}
+        if namespace is not None:
+            ref["namespace"] = namespace
+        body = {"data": {"token": f"from-{prefix}"}}
+        return synthetic_events(prefix, count, objectRef=ref, requestObject=body)
+
+    ours = reads("ours", 2, "team-a")
+    theirs = reads("theirs", 3, "kube-system")
+    cluster_wide = reads("all", 1, None)  # `kubectl get secrets -A`: no namespace
+    await ingest(engine, ours + theirs + cluster_wide)
+    await settle(engine)
+
+    tenant_status = alert_status(engine, tenant.key)
+    assert tenant_status["matches"] == 2
+    assert tenant_status["lastMatch"]["auditID"] == ours[-1]["auditID"]
+    assert alert_status(engine, platform.key)["matches"] == 6
+    by_alert = {body["namespace"]: body for body in sink.bodies("firing")}
+    assert "from-ours" in by_alert["team-a"]["message"]
+    assert "from-theirs" not in json.dumps(by_alert["team-a"])
+    assert "from-all" not in json.dumps(by_alert["team-a"])
+
+    # Later events about kube-system only: the tenant's alert sees nothing at all of them.
+    await ingest(engine, reads("later", 4, "kube-system"))
+    assert alert_status(engine, tenant.key)["matches"] == 2
+    assert alert_status(engine, platform.key)["matches"] == 10
+    await engine.close()

@@ -8,6 +8,7 @@ only when that binary is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -586,13 +587,16 @@ def test_the_example_streams_and_alert_resolve_their_secrets(
 ) -> None:
     lookup = secret_lookup(example_objects)
     streams = {
-        item["metadata"]["name"]: build.build_stream(item, lookup)
+        item["metadata"]["name"]: build.build_stream(item, lookup, OPERATOR_NAMESPACE)
         for item in example_objects
         if item["kind"] == "AuditStream"
     }
     alert_resource = only(example_objects, "AuditAlert", "secret-read")
     built = build.build_alert(alert_resource, lookup)
-    build.check_stream(built, streams)
+    assert build.check_stream(built, streams).cluster_wide  # the operator's namespace
+    tenant = build.build_alert(alert_resource, lookup)
+    tenant = dataclasses.replace(tenant, namespace="team")  # the same alert, owned by a team
+    assert build.check_stream(tenant, streams).scope == "team"
     auditdemo, kube_audit = streams["auditdemo"].auth, streams["kube-audit"].auth
     assert auditdemo is not None and auditdemo.username and auditdemo.password
     assert kube_audit is not None and kube_audit.bearer_token
@@ -600,8 +604,8 @@ def test_the_example_streams_and_alert_resolve_their_secrets(
     assert target.endpoint.startswith("https://")
     # The alert's Secrets are looked up in the alert's namespace, not the operator's.
     elsewhere = [
-        {**item, "metadata": {**item["metadata"], "namespace": OPERATOR_NAMESPACE}}
-        if item["kind"] == "Secret" and item["metadata"]["namespace"] == "default"
+        {**item, "metadata": {**item["metadata"], "namespace": "default"}}
+        if item["kind"] == "Secret" and item["metadata"]["name"] == "secret-read-webhook"
         else item
         for item in example_objects
     ]

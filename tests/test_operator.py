@@ -166,13 +166,22 @@ def alert_body(name: str, namespace: str, stream: str, rule: str, hook: str) -> 
     }
 
 
-def stream_body(name: str, operator_namespace: str) -> dict[str, Any]:
+CLUSTER_WIDE_FOR_ALL = {"clusterWide": {"from": "All"}}
+"""A grant for streams whose alerts watch other namespaces' events (the samples' own)."""
+
+
+def stream_body(
+    name: str, operator_namespace: str, allowed: dict[str, Any] | None = None
+) -> dict[str, Any]:
     secret_ref = {"name": f"{name}-ingest", "namespace": operator_namespace}
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "AuditStream",
         "metadata": {"name": name},
-        "spec": {"auth": {"basic": {"secretRef": secret_ref}}},
+        "spec": {
+            "auth": {"basic": {"secretRef": secret_ref}},
+            "allowedAlerts": CLUSTER_WIDE_FOR_ALL if allowed is None else allowed,
+        },
     }
 
 
@@ -667,3 +676,87 @@ async def test_operator_lifecycle_against_a_real_cluster(samples: Path, tmp_path
         await lifecycle(
             Cluster(api, namespace, namespace), samples, tmp_path / "data", options, None
         )
+
+
+def secret_reads_in(namespace: str, prefix: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "kind": "Event",
+            "apiVersion": "audit.k8s.io/v1",
+            "level": "Metadata",
+            "auditID": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{prefix}/{index}")),
+            "stage": "ResponseComplete",
+            "verb": "get",
+            "user": {"username": "someone"},
+            "objectRef": {"resource": "secrets", "namespace": namespace, "name": "token"},
+            "responseStatus": {"code": 200},
+        }
+        for index in range(count)
+    ]
+
+
+async def test_a_tenant_sees_its_own_namespace_until_a_namespace_label_grants_the_cluster(
+    fake_cluster: Cluster, kube_fake: KubeFake, tmp_path: Path
+) -> None:
+    """The stream admits alerts from namespaces labelled `tenant`, and shows the whole cluster
+    to those labelled cluster-wide; the operator follows namespace labels as they change."""
+    allowed = {
+        "namespaces": {
+            "from": "Selector",
+            "selector": {"matchExpressions": [{"key": "tenant", "operator": "Exists"}]},
+        },
+        "clusterWide": {
+            "from": "Selector",
+            "selector": {"matchLabels": {"auditwatch.dev/cluster-wide": "true"}},
+        },
+    }
+    kube_fake.store.create("namespaces", {"metadata": {"name": "team", "labels": {"tenant": "a"}}})
+    kube_fake.store.create("namespaces", {"metadata": {"name": "stranger"}})
+    await fake_cluster.create(secret("shared-ingest", "auditwatch", username="u", password="p"))
+    await fake_cluster.create(stream_body("shared", "auditwatch", allowed))
+    rule = 'objectRef.resource = "secrets"'
+    async with webhook_sink() as sink, aiohttp.ClientSession() as http:
+        await fake_cluster.create(secret("reads-hook", "team", token="Bearer t"))
+        await fake_cluster.create(alert_body("reads", "team", "shared", rule, sink.url))
+        await fake_cluster.create(secret("reads-hook", "stranger", token="Bearer s"))
+        await fake_cluster.create(alert_body("reads", "stranger", "shared", rule, sink.url))
+        async with operator(tmp_path / "data", fast_options()) as (_running, url, _task):
+            refused = await fake_cluster.wait_for(
+                "AuditAlert",
+                "reads",
+                lambda o: o.get("status", {}).get("state") == "Invalid",
+                "stranger",
+            )
+            assert ready(refused)["reason"] == "StreamNotGranted"
+            assert "'stranger'" in ready(refused)["message"]
+            warning = await fake_cluster.wait_for_event("reads", "stranger", "StreamNotGranted")
+            assert warning["type"] == "Warning"
+            await fake_cluster.wait_for(
+                "AuditAlert", "reads", lambda o: ready(o).get("status") == "True", "team"
+            )
+
+            ours, theirs = (
+                secret_reads_in("team", "ours", 2),
+                secret_reads_in("kube-system", "x", 3),
+            )
+            assert (await post(http, url, "shared", ours + theirs, ("u", "p")))[0] == 200
+            obj = await fake_cluster.wait_for(
+                "AuditAlert", "reads", lambda o: o.get("status", {}).get("matches") == 2, "team"
+            )
+            assert obj["status"]["lastMatch"]["namespace"] == "team"
+
+            # The platform team labels the namespace: from now on it sees the whole stream.
+            kube_fake.store.patch(
+                "namespaces",
+                "team",
+                {"metadata": {"labels": {"auditwatch.dev/cluster-wide": "true"}}},
+            )
+
+            async def sees_the_cluster() -> bool:
+                more = secret_reads_in("kube-system", f"more-{uuid.uuid4()}", 1)
+                assert (await post(http, url, "shared", more, ("u", "p")))[0] == 200
+                obj = await fake_cluster.get("AuditAlert", "reads", "team")
+                return bool(obj["status"]["lastMatch"]["namespace"] == "kube-system")
+
+            await until(sees_the_cluster, "the label's grant")
+            assert (await fake_cluster.get("AuditAlert", "reads", "team"))["status"]["matches"] > 2

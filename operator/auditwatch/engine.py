@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
@@ -65,6 +66,17 @@ class _Matched:
     latest: dict[str, Any]
 
 
+def _about_namespace(
+    batch: EventBatch, namespace: str, memo: dict[str, pa.BooleanArray]
+) -> pa.BooleanArray:
+    """Rows about `namespace` (objectRef.namespace equal to it; never a cluster-scoped event),
+    computed once per batch for all the alerts of that namespace."""
+    if namespace not in memo:
+        column = batch.table.column("objectRef_namespace").combine_chunks()
+        memo[namespace] = pc.fill_null(pc.equal(column, namespace), False)
+    return memo[namespace]
+
+
 class Engine:
     """Everything between an accepted request body and a notification."""
 
@@ -105,10 +117,13 @@ class Engine:
         alerts: Mapping[str, AlertSpec],
         invalid: Mapping[str, InvalidAlert] | None = None,
         problems: list[str] | None = None,
+        namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         """Put a complete configuration in force; alerts keep their state where their rule did.
 
-        An alert on a stream that is not defined becomes Invalid (StreamNotFound). Alerts not in
+        An alert on a stream that is not defined becomes Invalid (StreamNotFound), one from a
+        namespace the stream does not admit too (StreamNotGranted); the others see what their
+        stream grants them (`config.build.check_stream`, given `namespace_labels`). Alerts not in
         `alerts` any more stop matching at once and their saved state is dropped. `problems` are
         configuration errors to show in the status (a file that does not parse, say).
 
@@ -119,7 +134,7 @@ class Engine:
         live: dict[str, _LiveAlert] = {}
         for key, spec in alerts.items():
             try:
-                check_stream(spec, streams)
+                spec = check_stream(spec, streams, namespace_labels)
             except ConfigError as error:
                 invalid[key] = InvalidAlert(
                     spec.namespace,
@@ -219,9 +234,12 @@ class Engine:
         new = self.store.append(stream, batch)
         matches = []
         if len(new):
+            visible: dict[str, pa.BooleanArray] = {}
             for alert in alerts:
                 try:
                     mask = alert.rule.evaluate(new)
+                    if alert.spec.scope is not None:
+                        mask = pc.and_(mask, _about_namespace(new, alert.spec.scope, visible))
                 except Exception:  # the events are kept: a rule bug must not fail the request
                     logger.exception("alert %s: rule evaluation failed", alert.spec.key)
                     continue

@@ -28,7 +28,9 @@ def apply_config_set(engine: Engine, config: ConfigSet) -> None:
     for error in config.errors:
         logger.error("%s", error)
     problems = [str(error) for error in config.errors]
-    engine.apply(config.streams, config.alerts, config.invalid_alerts, problems)
+    engine.apply(
+        config.streams, config.alerts, config.invalid_alerts, problems, config.namespace_labels
+    )
     logger.info(
         "configuration: %d stream(s), %d alert(s), %d invalid, %d problem(s)",
         len(config.streams),

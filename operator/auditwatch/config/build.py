@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Literal, cast
 
 from auditwatch.config import schema
+from auditwatch.config.model import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from auditwatch.config.model import (
+    AlertGrant,
     AlertSpec,
     ConfigError,
     IngestAuth,
     InvalidAlert,
+    LabelRequirement,
+    NamespaceFilter,
     RepeatSpec,
     StreamSpec,
     TargetSpec,
@@ -35,9 +40,6 @@ SecretLookup = Callable[[str | None, str, str], str | None]
 A namespace of None means the source's own default: the operator's namespace in a cluster,
 `default` in standalone files.
 """
-
-DEFAULT_NAMESPACE = "default"
-"""The namespace of an AuditAlert file that names none (what kubectl would use)."""
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 """Alertmanager (Prometheus) label names."""
@@ -83,8 +85,14 @@ def _secret(secrets: SecretLookup, namespace: str | None, name: str, key: str, w
     return value.rstrip("\r\n")
 
 
-def build_stream(resource: Mapping[str, Any], secrets: SecretLookup) -> StreamSpec:
-    """The StreamSpec of an AuditStream resource; ConfigError (InvalidSpec, SecretNotFound)."""
+def build_stream(
+    resource: Mapping[str, Any], secrets: SecretLookup, home: str = DEFAULT_NAMESPACE
+) -> StreamSpec:
+    """The StreamSpec of an AuditStream resource; ConfigError (InvalidSpec, SecretNotFound).
+
+    `home` is the source's own namespace (where the stream's Secrets default to): what `Same`
+    means in `spec.allowedAlerts`.
+    """
     stream = _checked(resource, "AuditStream")
     spec = stream["spec"]
     auth = None
@@ -108,11 +116,38 @@ def build_stream(resource: Mapping[str, Any], secrets: SecretLookup) -> StreamSp
     return StreamSpec(
         name=stream["metadata"]["name"],
         auth=auth,
+        allowed_alerts=_grant(spec["allowedAlerts"], home),
         retention=None if retention is None else _duration(retention, "spec.retention"),
         max_body_bytes=limits["maxBodyBytes"],
         max_event_bytes=limits["maxEventBytes"],
         generation=stream["metadata"].get("generation", 1),
     )
+
+
+def _grant(allowed: Mapping[str, Any], home: str) -> AlertGrant:
+    """`spec.allowedAlerts` (defaults applied by the schema) as an AlertGrant."""
+
+    def namespaces(part: str) -> NamespaceFilter:
+        entry = allowed[part]
+        source = entry["from"]
+        selector = entry.get("selector")
+        if (source == "Selector") != (selector is not None):
+            raise ConfigError(
+                "InvalidSpec",
+                f"spec.allowedAlerts.{part}: a selector goes with from: Selector, and only there",
+            )
+        selector = selector or {}
+        return NamespaceFilter(
+            source,
+            home,
+            tuple(sorted(selector.get("matchLabels", {}).items())),
+            tuple(
+                LabelRequirement(item["key"], item["operator"], frozenset(item.get("values", [])))
+                for item in selector.get("matchExpressions", [])
+            ),
+        )
+
+    return AlertGrant(namespaces("namespaces"), namespaces("clusterWide"))
 
 
 def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec:
@@ -277,9 +312,28 @@ def invalid_alert(resource: Mapping[str, Any], error: ConfigError) -> InvalidAle
     )
 
 
-def check_stream(alert: AlertSpec, streams: Collection[str]) -> None:
-    """StreamNotFound unless the alert's stream is among the usable `streams`."""
-    if alert.stream not in streams:
+def check_stream(
+    alert: AlertSpec,
+    streams: Mapping[str, StreamSpec],
+    namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
+) -> AlertSpec:
+    """The alert as it runs on its stream: what it may see, by the stream's `allowedAlerts`.
+
+    Raises StreamNotFound unless the alert's stream is among the usable `streams`, and
+    StreamNotGranted when the stream does not admit alerts from the alert's namespace.
+    `namespace_labels` are the labels of each namespace, for selectors.
+    """
+    stream = streams.get(alert.stream)
+    if stream is None:
         raise ConfigError(
             "StreamNotFound", f"spec.stream: no usable AuditStream named {alert.stream!r}"
         )
+    grant = stream.allowed_alerts
+    labels = (namespace_labels or {}).get(alert.namespace, {})
+    if not grant.namespaces.admits(alert.namespace, labels):
+        raise ConfigError(
+            "StreamNotGranted",
+            f"spec.stream: AuditStream {alert.stream!r} does not admit AuditAlerts from namespace "
+            f"{alert.namespace!r} (its spec.allowedAlerts.namespaces)",
+        )
+    return replace(alert, cluster_wide=grant.cluster_wide.admits(alert.namespace, labels))

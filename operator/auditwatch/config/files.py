@@ -1,4 +1,4 @@
-"""The standalone configuration source: AuditStream, AuditAlert and Secret YAML in a directory.
+"""The standalone configuration source: AuditStream, AuditAlert, Secret, Namespace YAML in a folder.
 
 `auditwatch serve --resources DIR` runs without a cluster; the directory plays the apiserver's
 part. Every *.yaml / *.yml below it (hidden entries skipped, so a mounted ConfigMap's `..data`
@@ -142,6 +142,8 @@ class ConfigSet:
     """Alerts (by `namespace/name`) whose status is Invalid, with the reason and message."""
     errors: list[ResourceError] = field(default_factory=list)
     """Every problem found, invalid alerts included."""
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Labels of the Namespace documents, for streams that admit alerts by namespace selector."""
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,17 @@ def assemble(files: dict[Path, list[Any]], errors: list[ResourceError]) -> Confi
     def lookup(namespace: str | None, name: str, key: str) -> str | None:
         return secrets.get(f"{namespace or DEFAULT_NAMESPACE}/{name}", {}).get(key)
 
+    namespace_labels = {
+        str(body["metadata"]["name"]): {str(k): str(v) for k, v in labels.items()}
+        for bodies in files.values()
+        for body in bodies
+        if isinstance(body, dict)
+        and body.get("kind") == "Namespace"
+        and isinstance(body.get("metadata"), dict)
+        and isinstance(body["metadata"].get("name"), str)
+        and isinstance(labels := body["metadata"].get("labels") or {}, dict)
+    }
+
     streams: dict[str, StreamSpec] = {}
     for _, document in by_kind["AuditStream"]:
         try:
@@ -240,15 +253,14 @@ def assemble(files: dict[Path, list[Any]], errors: list[ResourceError]) -> Confi
     invalid_alerts: dict[str, InvalidAlert] = {}
     for key, document in by_kind["AuditAlert"]:
         try:
-            alert = build_alert(document.body, lookup)
-            check_stream(alert, streams)
+            alert = check_stream(build_alert(document.body, lookup), streams, namespace_labels)
         except ConfigError as error:
             errors.append(ResourceError(document.file, document.name, error.reason, error.message))
             if key is not None:
                 invalid_alerts[key] = invalid_alert(document.body, error)
             continue
         alerts[alert.key] = alert
-    return ConfigSet(streams, alerts, invalid_alerts, errors)
+    return ConfigSet(streams, alerts, invalid_alerts, errors, namespace_labels)
 
 
 class DirectorySource:

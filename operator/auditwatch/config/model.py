@@ -7,6 +7,7 @@ sees only these plain objects and never a raw resource dict.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
@@ -25,6 +26,8 @@ DEFAULT_TARGET_TIMEOUT = timedelta(seconds=10)
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 """Parseable's request body limit."""
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+DEFAULT_NAMESPACE = "default"
+"""The namespace of an AuditAlert file that names none (what kubectl would use)."""
 
 
 class ConfigError(Exception):
@@ -49,12 +52,69 @@ class IngestAuth:
     bearer_token: str | None = None
 
 
+NamespaceSource = Literal["All", "Same", "Selector", "None"]
+
+
+@dataclass(frozen=True)
+class LabelRequirement:
+    """One `matchExpressions` entry of a Kubernetes label selector."""
+
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: frozenset[str] = frozenset()
+
+    def holds(self, labels: Mapping[str, str]) -> bool:
+        if self.operator == "Exists":
+            return self.key in labels
+        if self.operator == "DoesNotExist":
+            return self.key not in labels
+        inside = self.key in labels and labels[self.key] in self.values
+        return inside if self.operator == "In" else not inside
+
+
+@dataclass(frozen=True)
+class NamespaceFilter:
+    """Which namespaces a grant covers, as Gateway API's `allowedRoutes.namespaces` says it.
+
+    `Same` is the namespace the AuditStream's own Secrets default to: the operator's namespace
+    in a cluster, `default` in standalone files.
+    """
+
+    source: NamespaceSource
+    same: str = DEFAULT_NAMESPACE
+    match_labels: tuple[tuple[str, str], ...] = ()
+    match_expressions: tuple[LabelRequirement, ...] = ()
+
+    def admits(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        if self.source == "All":
+            return True
+        if self.source == "Same":
+            return namespace == self.same
+        if self.source == "None":
+            return False
+        return all(labels.get(key) == value for key, value in self.match_labels) and all(
+            requirement.holds(labels) for requirement in self.match_expressions
+        )
+
+
+@dataclass(frozen=True)
+class AlertGrant:
+    """What an AuditStream grants AuditAlerts: who may attach, and who sees the whole cluster.
+
+    Everyone else who may attach sees only events about its own namespace.
+    """
+
+    namespaces: NamespaceFilter = NamespaceFilter("All")
+    cluster_wide: NamespaceFilter = NamespaceFilter("Same")
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     """An AuditStream: where events arrive and how long they are kept."""
 
     name: str
     auth: IngestAuth | None = None
+    allowed_alerts: AlertGrant = AlertGrant()
     retention: timedelta | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -103,11 +163,19 @@ class AlertSpec:
     labels: dict[str, str] = field(default_factory=dict)
     """Extra labels sent to Alertmanager (from the resource's spec.labels)."""
     generation: int = 1
+    cluster_wide: bool = False
+    """Sees every event of its stream, as the stream grants; else only events about its own
+    namespace (set by `config.build.check_stream`)."""
 
     @property
     def key(self) -> str:
         """`namespace/name`: unique across alerts, used for state, status and metrics."""
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def scope(self) -> str | None:
+        """The one namespace whose events this alert sees; None: the whole stream."""
+        return None if self.cluster_wide else self.namespace
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Create, update and resume of AuditStreams and AuditAlerts cache the resource and rebuild the
 configuration; deletion is noticed on the watch (no finalizer: deleting an alert never waits for
 the operator, and the operator lists everything afresh when it starts anyway). Secrets are only
-watched: the source keeps those some resource references.
+watched: the source keeps those some resource references. Namespaces are watched for their
+labels, which may decide what a stream grants the alerts in them.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Handlers:
         for plural in PLURALS.values():
             self._register(plural)
         kopf.on.event("v1", "secrets", registry=self.registry, id="secret")(self.secret)
+        kopf.on.event("v1", "namespaces", registry=self.registry, id="namespace")(self.namespace)
 
     def _register(self, plural: str) -> None:
         for reason, decorator in (
@@ -79,3 +81,6 @@ class Handlers:
 
     async def secret(self, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         await self.source.secret_event(str(event["type"]), body)
+
+    async def namespace(self, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+        await self.source.namespace_event(str(event["type"]), body)

@@ -229,7 +229,13 @@ async def _lead(
     writer: StatusWriter | None = None
 
     def apply(config: KubeConfig) -> None:
-        engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
+        engine.apply(
+            config.streams,
+            config.alerts,
+            config.invalid_alerts,
+            config.problems,
+            config.namespace_labels,
+        )
         if writer is not None:
             writer.poke()
 

@@ -109,6 +109,8 @@ class KubeConfig:
     """AuditStreams that cannot receive (a missing Secret, say), by name."""
     unknown_secrets: frozenset[SecretKey]
     """Secrets some resource looked up that were never fetched: resolve them and build again."""
+    namespace_labels: dict[str, dict[str, str]]
+    """Every namespace's labels, for streams that admit alerts by namespace selector."""
 
     @property
     def problems(self) -> list[str]:
@@ -143,6 +145,7 @@ class ResourceCache:
         """The Secrets the last `build` looked up."""
         self.observed: dict[tuple[str, str], Observed] = {}
         """Each resource's uid and status as last received, for the status writer."""
+        self.namespace_labels: dict[str, dict[str, str]] = {}
 
     def put(self, resource: Mapping[str, Any]) -> bool:
         """Cache a created / changed / resumed resource; True if its meaning may have changed."""
@@ -191,6 +194,15 @@ class ResourceCache:
                 del self._built[kind_key]
         return True
 
+    def set_namespace(self, name: str, labels: Mapping[str, str] | None) -> bool:
+        """Record a namespace's labels (None: it is gone); True if they changed."""
+        before = self.namespace_labels.get(name)
+        if labels is None:
+            self.namespace_labels.pop(name, None)
+        else:
+            self.namespace_labels[name] = {str(k): str(v) for k, v in labels.items()}
+        return self.namespace_labels.get(name) != before
+
     def build(self) -> KubeConfig:
         """The configuration of every cached resource (memoised per resource)."""
         unknown: set[SecretKey] = set()
@@ -217,7 +229,14 @@ class ResourceCache:
         self._secrets = {
             key: value for key, value in self._secrets.items() if key in self._referenced
         }
-        return KubeConfig(streams, alerts, invalid_alerts, invalid_streams, frozenset(unknown))
+        return KubeConfig(
+            streams,
+            alerts,
+            invalid_alerts,
+            invalid_streams,
+            frozenset(unknown),
+            dict(self.namespace_labels),
+        )
 
     def _build_one(self, kind: str, body: dict[str, Any]) -> _Built:
         used: set[SecretKey] = set()
@@ -230,7 +249,9 @@ class ResourceCache:
 
         try:
             spec: StreamSpec | AlertSpec = (
-                build_stream(body, lookup) if kind == "AuditStream" else build_alert(body, lookup)
+                build_stream(body, lookup, self.default_namespace)
+                if kind == "AuditStream"
+                else build_alert(body, lookup)
             )
         except ConfigError as error:
             return _Built(body, frozenset(used), None, error)
@@ -289,6 +310,17 @@ class KubeSource:
             content = None if event_type == "DELETED" else secret
             if self.cache.set_secret(namespace, name, content):
                 logger.info("Secret %s/%s changed: rebuilding what reads it", namespace, name)
+                await self._refresh()
+
+    async def namespace_event(self, event_type: str, namespace: Mapping[str, Any]) -> None:
+        """A watch event of a Namespace: its labels may change which alerts a stream admits."""
+        metadata = namespace.get("metadata") or {}
+        name = metadata.get("name")
+        if not isinstance(name, str):
+            return
+        labels = None if event_type == "DELETED" else (metadata.get("labels") or {})
+        async with self._lock:
+            if self.cache.set_namespace(name, labels):
                 await self._refresh()
 
     def _put_or_remove(self, resource: Mapping[str, Any]) -> bool:
