@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 import pyarrow.compute as pc
 
+from auditwatch import exactjson
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
@@ -241,11 +242,7 @@ class Engine:
             while not stop.is_set():
                 wakeup.clear()  # before the work: a wake-up arriving during it is kept
                 now = self.clock()
-                for alert in list(self._alerts.values()):
-                    notices = alert.tracker.tick(now)
-                    if notices:
-                        self._dirty = True
-                        self._deliver(alert.spec, notices)
+                await self._duty("alert_timers", self._tick_alerts, now)
                 await self._housekeeping(now)
                 waking = asyncio.ensure_future(wakeup.wait())
                 await asyncio.wait(
@@ -257,25 +254,46 @@ class Engine:
         finally:
             stopping.cancel()
 
+    def _tick_alerts(self, now: datetime) -> None:
+        """Repeats and resolves now due."""
+        for alert in list(self._alerts.values()):
+            notices = alert.tracker.tick(now)
+            if notices:
+                self._dirty = True
+                self._deliver(alert.spec, notices)
+
     async def _housekeeping(self, now: datetime) -> None:
-        try:
-            await asyncio.to_thread(self.store.flush, now)
-            if now - self._last_retention >= RETENTION_EVERY:
-                self._last_retention = now
-                for name, spec in self._streams.items():
-                    if spec.retention is not None:
-                        await asyncio.to_thread(
-                            self.store.apply_retention, name, spec.retention, now
-                        )
-        except Exception:  # keep the loop alive; data stays staged and is retried next time
-            logger.exception("storage housekeeping failed")
+        """Each duty on its own: one failing (a full disk, a bad value) is counted, logged and
+        retried next tick, and never keeps the others from running."""
+        if self.store.write_failure() is not None:
+            await self._duty("storage_probe", asyncio.to_thread, self.store.probe)
+        await self._duty("flush", asyncio.to_thread, self.store.flush, now)
+        if now - self._last_retention >= RETENTION_EVERY and await self._duty(
+            "retention", asyncio.to_thread, self._apply_retention, now
+        ):
+            self._last_retention = now
         if self._dirty:
             self._dirty = False
-            try:
-                await asyncio.to_thread(self._save_state)
-            except OSError:
+            if not await self._duty("state_save", asyncio.to_thread, self._save_state):
                 self._dirty = True
-                logger.exception("cannot save alert state to %s", self._state_path)
+
+    def _apply_retention(self, now: datetime) -> None:
+        for name, spec in list(self._streams.items()):
+            if spec.retention is not None:
+                self.store.apply_retention(name, spec.retention, now)
+
+    async def _duty(self, duty: str, work: Callable[..., Any], *args: Any) -> bool:
+        """Run one background duty (`work(*args)`, awaited if it returns a coroutine);
+        False, counted and logged, if it failed."""
+        try:
+            result = work(*args)
+            if isinstance(result, Coroutine):
+                await result
+        except Exception:
+            self.metrics.background_failures.labels(duty).inc()
+            logger.exception("background duty %s failed; retried at the next tick", duty)
+            return False
+        return True
 
     def _sleep_seconds(self, now: datetime) -> float:
         deadlines = [now + MAX_TICK]
@@ -298,9 +316,21 @@ class Engine:
         task.add_done_callback(self._deliveries.discard)
 
     async def _deliver_counted(self, spec: AlertSpec, notices: list[Notice]) -> None:
-        results = await asyncio.gather(*(self.notifier.deliver(spec, n) for n in notices))
+        results = await asyncio.gather(
+            *(self.notifier.deliver(spec, n) for n in notices), return_exceptions=True
+        )
         for notice, ok in zip(notices, results, strict=True):
-            counter = self.metrics.notifications_sent if ok else self.metrics.notifications_failed
+            if isinstance(ok, BaseException):  # a bug in delivery: the notice counts as failed
+                self.metrics.background_failures.labels("delivery").inc()
+                logger.error(
+                    "alert %s: delivery to %s failed: %s",
+                    spec.key,
+                    notice.target,
+                    type(ok).__name__,
+                    exc_info=ok,
+                )
+            sent = ok is True
+            counter = self.metrics.notifications_sent if sent else self.metrics.notifications_failed
             counter.labels(spec.key, notice.target).inc()
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -310,7 +340,7 @@ class Engine:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        self._save_state()
+        await self._duty("state_save", self._save_state)  # storage is flushed whatever it did
         await asyncio.to_thread(self.store.close)
         await self.notifier.close()
 
@@ -318,7 +348,7 @@ class Engine:
 
     def _load_state(self) -> dict[str, dict[str, Any]]:
         try:
-            saved = orjson.loads(self._state_path.read_bytes())
+            saved = exactjson.loads(self._state_path.read_bytes())
         except FileNotFoundError:
             return {}
         except (OSError, orjson.JSONDecodeError) as error:
@@ -340,18 +370,23 @@ class Engine:
     # -- reporting --------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready once a configuration is loaded and the data directory takes writes."""
+        """Ready once a configuration is loaded and the data directory takes writes (not
+        while appends or flushes fail: see Store.write_failure)."""
         if not self.config_loaded:
             return False, "configuration not loaded yet"
         if not os.access(self.data_dir, os.W_OK):
             return False, f"data directory {self.data_dir} is not writable"
+        failure = self.store.write_failure()
+        if failure is not None:
+            return False, f"storage writes fail: {failure}"
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
         """Every stream and alert with the fields of its custom resource's status."""
         now = self.clock()
+        failure = self.store.write_failure()
         streams = {
-            name: stream_status(spec, self.store.stats(name), self._conditions, now)
+            name: stream_status(spec, self.store.stats(name), self._conditions, now, failure)
             for name, spec in sorted(self._streams.items())
         }
         alerts: dict[str, Any] = {}

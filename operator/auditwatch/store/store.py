@@ -58,6 +58,9 @@ DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 Arrow data (segments are uncompressed Arrow), about 45,000 events per Parquet file at most."""
 DEFAULT_MAX_STAGED_BYTES = 1024 * 1024 * 1024
 LOCK_FILE = ".lock"
+PROBE_FILE = ".probe"
+PROBE_BYTES = 4096
+"""A block: on a full disk, writing it fails where a byte might still fit."""
 _UNSAFE_HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -164,6 +167,8 @@ class Store:
         self._staged_total = 0
         self._last_segment_id = 0
         self._closed = False
+        self._failures: dict[str, str] = {}
+        """Why writes fail now, by what failed ("append", "flush"); empty while they succeed."""
         make_dirs(self.data_dir)
         self._lock_fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -227,6 +232,7 @@ class Store:
             end = writer.write(staged)
         except OSError as error:
             self._abandon_writer(state)
+            self._failures["append"] = str(error)
             raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
         received = _newest(new[INGEST_TIME])
         assert received is not None  # p_timestamp is not nullable
@@ -245,6 +251,7 @@ class Store:
         try:
             written.writer.sync(written.end)
         except OSError as error:
+            self._failures["append"] = str(error)
             with state.lock:
                 state.unsynced.remove(written)
                 state.dedup.forget(written.keys)
@@ -252,6 +259,7 @@ class Store:
                 if state.writer is written.writer:
                     self._abandon_writer(state)
             raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
+        self._failures.pop("append", None)
 
     @staticmethod
     def _unsynced_originals(state: _Stream, kept_keys: list[str]) -> list[_Unsynced]:
@@ -292,14 +300,45 @@ class Store:
         now = now or datetime.now(UTC)
         written: list[Path] = []
         with self._flush_lock:
-            for state in self._all_streams():
-                with state.lock:
-                    if state.writer_name is not None and (
-                        everything or now - state.writer_name.created >= self.flush_interval
-                    ):
-                        self._rotate(state)
-                written.extend(self._convert_closed(state))
+            try:
+                for state in self._all_streams():
+                    with state.lock:
+                        if state.writer_name is not None and (
+                            everything or now - state.writer_name.created >= self.flush_interval
+                        ):
+                            self._rotate(state)
+                    written.extend(self._convert_closed(state))
+            except StorageUnavailable as error:
+                self._failures["flush"] = error.reason
+                raise
+            self._failures.pop("flush", None)
         return written
+
+    def write_failure(self) -> str | None:
+        """Why storage writes fail now (the last failed append or flush), or None.
+
+        Cleared by the next append or flush that succeeds, or by `probe`: readiness and the
+        streams' Ready condition follow it.
+        """
+        failures = dict(self._failures)
+        return "; ".join(f"{what}: {why}" for what, why in sorted(failures.items())) or None
+
+    def probe(self) -> None:
+        """Try a small durable write beside the streams; if it succeeds, a failed append no
+        longer counts as failing (nobody may send while readiness says not ready)."""
+        path = self.data_dir / PROBE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, bytes(PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+        except OSError as error:
+            self._failures["append"] = str(error)
+            return
+        self._failures.pop("append", None)
 
     def apply_retention(
         self, stream: str, retention: timedelta, now: datetime | None = None
