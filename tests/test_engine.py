@@ -6,6 +6,8 @@ Real storage in tmp_path and real notifications to a local webhook sink.
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -456,3 +458,54 @@ async def test_a_failing_background_duty_is_counted_retried_and_stops_nothing_el
             lambda: b"Resolved" in state.read_bytes() if state.exists() else False, 5, "a save"
         )
         assert not running.loop.done()
+
+
+async def test_readiness_and_stream_ready_follow_a_disk_that_refuses_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC on every write below the data directory: 503 to senders, readiness 503, the
+    stream Ready=False; all of it back to normal once the disk takes writes again."""
+    resources, data = tmp_path / "resources", tmp_path / "data"
+    write_yaml(resources / "stream.yaml", stream_doc("audit"))
+    real_write = os.write
+    full = False
+
+    def write(fd: int, payload: Any) -> int:
+        if full and os.readlink(f"/proc/self/fd/{fd}").startswith(str(data)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, payload)
+
+    monkeypatch.setattr(os, "write", write)
+    async with running_receiver(resources, data) as running, aiohttp.ClientSession() as session:
+        url = running.url
+
+        async def readiness() -> int:
+            async with session.get(url + "/api/v1/readiness") as response:
+                return response.status
+
+        async def stream_ready() -> dict[str, Any]:
+            status = await (await session.get(url + "/api/v1/status")).json()
+            [condition] = status["streams"]["audit"]["conditions"]
+            return dict(condition)
+
+        assert await readiness() == 200
+        full = True
+        answer = await post(session, url + "/api/v1/logstream/audit", synthetic_events("a", 3))
+        assert answer.status == 503
+        assert await readiness() == 503
+        condition = await stream_ready()
+        assert (condition["status"], condition["reason"]) == ("False", "StorageFailing")
+        assert "No space left on device" in condition["message"]
+        await asyncio.sleep(1.5)  # probes meanwhile fail too: still not ready
+        assert await readiness() == 503
+
+        full = False
+
+        async def ready_again() -> bool:
+            return await readiness() == 200
+
+        await eventually(ready_again, 5, "readiness back to 200")
+        assert (await stream_ready())["status"] == "True"
+        answer = await post(session, url + "/api/v1/logstream/audit", synthetic_events("b", 3))
+        assert answer.status == 200
+    assert sorted(event["auditID"] for event in stored(data, "audit")) == ["b-0", "b-1", "b-2"]
