@@ -446,13 +446,17 @@ async def test_a_failing_background_duty_is_counted_retried_and_stops_nothing_el
             return 'auditwatch_background_failures_total{duty="state_save"}' in text
 
         await eventually(failures_counted, 5, "failed saves in /metrics")
-        await wait_until(lambda: any((data / "audit").rglob("*.parquet")), 5, "a flush")
         await wait_until(
             lambda: alert_status(running.engine, "default/secret-read")["state"] == "Resolved",
             10,
             "the alert resolving",
         )
+        # Segments wait for a save (their matches must be saved before they leave staging),
+        # and stay readable meanwhile.
+        assert not any((data / "audit").rglob("*.parquet"))
+        assert len(stored(data, "audit")) == 3
         blocker.rmdir()
+        await wait_until(lambda: any((data / "audit").rglob("*.parquet")), 5, "a flush")
         state = data / engine_module.STATE_FILE
         await wait_until(
             lambda: b"Resolved" in state.read_bytes() if state.exists() else False, 5, "a save"

@@ -25,11 +25,11 @@ import orjson
 import pyarrow.compute as pc
 
 from auditwatch import exactjson
-from auditwatch.alerts import AlertTracker, Notice, SnapshotError
+from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
-from auditwatch.normalise import EventBatch
+from auditwatch.normalise import EventBatch, from_table
 from auditwatch.notify import Notifier
 from auditwatch.rules.evaluate import CompiledRule, compile_rule
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
@@ -64,6 +64,8 @@ class _Matched:
     alert: _LiveAlert
     count: int
     latest: dict[str, Any]
+    segment: str | None
+    """The staging segment holding the events (see `Engine._staged_matches`)."""
 
 
 class Engine:
@@ -97,6 +99,14 @@ class Engine:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._last_retention = datetime.min.replace(tzinfo=UTC)
+        self._staged_matches: dict[str, dict[str, int]] = {}
+        """Per alert, its matches among the events of each staging segment not yet converted
+        to Parquet. Saved with the state: after a crash, the segments still staged are
+        recounted (`_recount_staged`) and replace these, so `matches` equals the matching
+        events stored however many were acknowledged, re-sent or lost with the process."""
+        self._ingests: set[asyncio.Future[None]] = set()
+        """Ingests in progress: a segment is converted only once those that may have written
+        to it have counted their matches and the counts were saved."""
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -140,6 +150,7 @@ class Engine:
             for key in set(self._saved) - set(live) - set(invalid):
                 del self._saved[key]
                 self._dirty = True
+            self._recount_staged(live)
         by_stream: dict[str, list[_LiveAlert]] = {}
         for alert in live.values():
             by_stream.setdefault(alert.spec.stream, []).append(alert)
@@ -158,6 +169,28 @@ class Engine:
             self._conditions.note(key, ok, now)
         self.config_loaded = True
         self._wake()
+
+    def _recount_staged(self, live: Mapping[str, _LiveAlert]) -> None:
+        """After a restart: each restored alert's matches in the segments still staged, counted
+        from the events, replace the counts saved for them (events stored but not counted
+        before a crash, counted but not saved, or acknowledged late and re-sent as duplicates)."""
+        staged: dict[str, list[tuple[str, EventBatch]]] = {}
+        for key, alert in live.items():
+            saved = self._saved.get(key)
+            if saved is None or not continues(alert.spec, saved):
+                continue
+            stream = alert.spec.stream
+            if stream not in staged:
+                staged[stream] = [(stem, from_table(t)) for stem, t in self.store.staged(stream)]
+            saved_counts = saved.get("stagedMatches")
+            before = saved_counts if isinstance(saved_counts, dict) else {}
+            counts = {stem: alert.rule.evaluate(batch).true_count for stem, batch in staged[stream]}
+            delta = sum(counts.values()) - sum(int(before.get(stem, 0)) for stem in counts)
+            if delta:
+                logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
+                alert.tracker.total += delta
+                self._dirty = True
+            self._staged_matches[key] = {stem: n for stem, n in counts.items() if n}
 
     def _live_alert(self, key: str, spec: AlertSpec) -> _LiveAlert:
         current = self._alerts.get(key)
@@ -188,6 +221,21 @@ class Engine:
         """
         now = self.clock()
         alerts = self._by_stream.get(stream.name, ())
+        done = asyncio.get_running_loop().create_future()
+        self._ingests.add(done)
+        try:
+            return await self._ingest(stream, batch, alerts, now)
+        finally:
+            self._ingests.discard(done)
+            done.set_result(None)
+
+    async def _ingest(
+        self,
+        stream: StreamSpec,
+        batch: EventBatch,
+        alerts: tuple[_LiveAlert, ...],
+        now: datetime,
+    ) -> dict[str, int]:
         stored, matches = await asyncio.to_thread(self._store_and_match, stream.name, batch, alerts)
         received = len(batch)
         self.metrics.events_received.labels(stream.name).inc(received)
@@ -198,6 +246,9 @@ class Engine:
             key = match.alert.spec.key
             self.metrics.rule_matches.labels(key).inc(match.count)
             if self._alerts.get(key) is match.alert:  # not deleted meanwhile
+                if match.segment is not None:
+                    per_segment = self._staged_matches.setdefault(key, {})
+                    per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
                 notices = match.alert.tracker.observe(match.count, match.latest, now)
                 self._deliver(match.alert.spec, notices)
                 notified = notified or bool(notices)
@@ -229,7 +280,7 @@ class Engine:
                 count = mask.true_count
                 if count:
                     last = pc.indices_nonzero(mask)[-1].as_py()
-                    matches.append(_Matched(alert, count, new.event(last)))
+                    matches.append(_Matched(alert, count, new.event(last), new.segment))
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------
@@ -267,15 +318,41 @@ class Engine:
         retried next tick, and never keeps the others from running."""
         if self.store.write_failure() is not None:
             await self._duty("storage_probe", asyncio.to_thread, self.store.probe)
-        await self._duty("flush", asyncio.to_thread, self.store.flush, now)
+        saved = await self._duty("state_save", self._save_state_if_dirty)
+        if self.config_loaded and saved:  # before the first config, staged matches not recounted
+            await self._duty("flush", self._flush_counted, now)
         if now - self._last_retention >= RETENTION_EVERY and await self._duty(
             "retention", asyncio.to_thread, self._apply_retention, now
         ):
             self._last_retention = now
+
+    async def _save_state_if_dirty(self) -> None:
         if self._dirty:
             self._dirty = False
-            if not await self._duty("state_save", asyncio.to_thread, self._save_state):
+            state = self._state_snapshot()
+            try:
+                await asyncio.to_thread(self._write_state, state)
+            except BaseException:
                 self._dirty = True
+                raise
+
+    async def _flush_counted(self, now: datetime) -> None:
+        """Convert the segments due, once every match in them is counted and saved: the
+        ingests that may have written to them finish, then the state is saved."""
+        sealed = await asyncio.to_thread(self.store.seal, now)
+        if not sealed:
+            return
+        if in_progress := set(self._ingests):
+            await asyncio.wait(in_progress)
+        await self._save_state_if_dirty()
+        try:
+            await asyncio.to_thread(self.store.flush, now, segments=sealed)
+        finally:
+            converted = sealed - self.store.staged_segments()
+            for counts in self._staged_matches.values():
+                for stem in converted & counts.keys():
+                    del counts[stem]
+                    self._dirty = True
 
     def _apply_retention(self, now: datetime) -> None:
         for name, spec in list(self._streams.items()):
@@ -357,12 +434,26 @@ class Engine:
         return saved if isinstance(saved, dict) else {}
 
     def _save_state(self) -> None:
-        """Write every tracker's snapshot atomically (temp file, fsync, rename)."""
-        self._saved.update({key: alert.tracker.snapshot() for key, alert in self._alerts.items()})
+        self._write_state(self._state_snapshot())
+
+    def _state_snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every tracker's snapshot and its matches per staged segment (in the event loop's
+        thread: ingests change both)."""
+        self._saved.update(
+            {
+                key: alert.tracker.snapshot()
+                | {"stagedMatches": dict(self._staged_matches.get(key, {}))}
+                for key, alert in self._alerts.items()
+            }
+        )
+        return dict(self._saved)
+
+    def _write_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Write the state atomically (temp file, fsync, rename)."""
         self._state_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._state_path.with_suffix(".tmp")
         with open(temporary, "wb") as file:
-            file.write(orjson.dumps(self._saved))
+            file.write(orjson.dumps(state))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self._state_path)

@@ -57,6 +57,9 @@ class EventBatch:
     """The whole table as the store's staging message (`store.wal.batch_message`), when the
     decoding worker process made it: the store then only has to write it."""
     _parsed: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    segment: str | None = field(default=None, repr=False, kw_only=True)
+    """The staging segment (stem) the store wrote these events to, on a batch `Store.append`
+    returned: alert counts are kept per segment so a crash can recount (engine.py)."""
 
     def __len__(self) -> int:
         return int(self.table.num_rows)

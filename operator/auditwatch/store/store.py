@@ -4,8 +4,9 @@ The receiver calls `append` from worker threads and answers 2xx only after it re
 the new events are fdatasync'ed in a staging segment (`wal.py`). `flush` (called periodically)
 turns segments older than `flush_interval` into hive-partitioned Parquet files. One `Store` owns
 a data directory (an exclusive lock file), and its constructor recovers whatever a crashed
-process left: torn segment tails are cut, closed segments are converted, and the dedup keys and
-statistics are rebuilt from disk.
+process left: torn segment tails are cut, closed segments wait for the next flush (so that the
+engine can recount its alerts' matches in them first), and the dedup keys and statistics are
+rebuilt from disk.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class _Unsynced:
     """A batch written but maybe not durable yet: its segment, where it ends, its keys."""
 
     writer: SegmentWriter
+    segment: str
+    """The segment's stem (`SegmentName.stem`)."""
     end: int
     keys: list[str]
     events: int
@@ -204,9 +207,9 @@ class Store:
         if written is not None:
             self._sync(state, written)
         self._await_durable(stream, originals)
-        if classified.all_new:
-            return batch
-        return batch.filter(pa.array(classified.mask, pa.bool_()))
+        new = batch if classified.all_new else batch.filter(pa.array(classified.mask, pa.bool_()))
+        new.segment = None if written is None else written.segment
+        return new
 
     def _write_new(self, state: _Stream, batch: EventBatch, classified: Classified) -> _Unsynced:
         """Write the batch's new rows to the stream's segment (caller holds the lock).
@@ -225,6 +228,8 @@ class Store:
                 )
         try:
             writer = state.writer or self._open_segment(state)
+            assert state.writer_name is not None
+            segment = state.writer_name.stem
             staged = batch.staged if classified.all_new else None
             if staged is None:
                 staged = batch_message(encode_table(new))
@@ -237,7 +242,7 @@ class Store:
         received = _newest(new[INGEST_TIME])
         assert received is not None  # p_timestamp is not nullable
         state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
-        written = _Unsynced(writer, end, classified.new_keys, new.num_rows, end - start)
+        written = _Unsynced(writer, segment, end, classified.new_keys, new.num_rows, end - start)
         state.unsynced.append(written)
         self._count(state, written.events, written.bytes)
         state.saw(_newest(new[EVENT_TIME]), received)
@@ -290,24 +295,61 @@ class Store:
         with self._lock:
             self._staged_total += staged_bytes
 
-    def flush(self, now: datetime | None = None, *, everything: bool = False) -> list[Path]:
+    def seal(self, now: datetime | None = None, *, everything: bool = False) -> set[str]:
+        """Close the segments being appended to that are older than `flush_interval` (all, with
+        `everything`); returns the stems of every closed segment waiting for conversion.
+
+        No event is written to a closed segment any more: a caller that waits for the appends
+        in progress knows all of their events (the engine's alert counts do, see engine.py).
+        """
+        now = now or datetime.now(UTC)
+        for state in self._all_streams():
+            with state.lock:
+                if state.writer_name is not None and (
+                    everything or now - state.writer_name.created >= self.flush_interval
+                ):
+                    self._rotate(state)
+        return self.staged_segments()
+
+    def staged_segments(self) -> set[str]:
+        """The stems of the closed segments of every stream waiting for conversion."""
+        stems: set[str] = set()
+        for state in self._all_streams():
+            with state.lock:
+                stems.update(c.name.stem for c in state.closed)
+        return stems
+
+    def staged(self, stream: str) -> list[tuple[str, pa.Table]]:
+        """The closed segments of `stream` waiting for conversion: stem and events."""
+        state = self._stream(stream)
+        with state.lock:
+            pending = list(state.closed)
+        tables = []
+        for segment in pending:
+            batches = read_segment(segment.path, repair=False).batches
+            tables.append((segment.name.stem, pa.Table.from_batches(batches, EVENT_SCHEMA)))
+        return tables
+
+    def flush(
+        self,
+        now: datetime | None = None,
+        *,
+        everything: bool = False,
+        segments: set[str] | None = None,
+    ) -> list[Path]:
         """Convert staged segments to Parquet; returns the Parquet files written.
 
         The segment being appended to is closed first when it is older than `flush_interval`
-        (or always, with `everything`). Raises StorageUnavailable when a file cannot be written;
-        the segment stays staged and the next flush retries it.
+        (or always, with `everything`). Only `segments` (stems) are converted, if given.
+        Raises StorageUnavailable when a file cannot be written; the segment stays staged and
+        the next flush retries it.
         """
-        now = now or datetime.now(UTC)
         written: list[Path] = []
         with self._flush_lock:
             try:
+                self.seal(now, everything=everything)
                 for state in self._all_streams():
-                    with state.lock:
-                        if state.writer_name is not None and (
-                            everything or now - state.writer_name.created >= self.flush_interval
-                        ):
-                            self._rotate(state)
-                    written.extend(self._convert_closed(state))
+                    written.extend(self._convert_closed(state, segments))
             except StorageUnavailable as error:
                 self._failures["flush"] = error.reason
                 raise
@@ -449,9 +491,9 @@ class Store:
             with contextlib.suppress(OSError):
                 writer.path.unlink()
 
-    def _convert_closed(self, state: _Stream) -> list[Path]:
+    def _convert_closed(self, state: _Stream, segments: set[str] | None) -> list[Path]:
         with state.lock:
-            pending = list(state.closed)
+            pending = [c for c in state.closed if segments is None or c.name.stem in segments]
         written: list[Path] = []
         for segment in pending:
             try:
@@ -487,10 +529,6 @@ class Store:
                 state = self._stream(entry.name)
                 with state.lock:
                     self._recover_stream(state)
-        try:
-            self.flush()
-        except StorageUnavailable as error:
-            log.warning("staged segments stay staged for now: %s", error.reason)
 
     def _recover_stream(self, state: _Stream) -> None:
         """Cut torn segment tails, queue segments for conversion, rebuild stats and dedup keys."""
