@@ -122,7 +122,8 @@ class Sender:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while not stop.is_set():
                 self.batches += 1
-                events = synthetic_events(f"{name}-{self.batches}", 25, verb="get")
+                verb = "get" if self.batches % 3 else "list"  # the alert matches two in three
+                events = synthetic_events(f"{name}-{self.batches}", 25, verb=verb)
                 if not await self.send(session, events):
                     await asyncio.sleep(0.05)  # the server is down: as a sender would back off
 
@@ -172,3 +173,70 @@ async def test_sigkill_mid_stream_loses_no_acknowledged_event_and_duplicates_non
     }
     assert acknowledged - set(kept) == set()
     assert not any(kept.keys() - acknowledged), "every event was acknowledged in the end"
+
+
+KILLS = 20
+
+
+async def alert_matches(session: aiohttp.ClientSession, server: Server) -> int:
+    async with session.get(server.url + "/api/v1/status") as response:
+        status = await response.json()
+    return int(status["alerts"]["default/gets"]["matches"])
+
+
+def matching_stored(server: Server) -> int:
+    return sum(event["verb"] == "get" for event in stored(server.data, "crash"))
+
+
+async def test_matches_equal_the_matching_events_stored_across_20_kills_under_load(
+    server: Server,
+) -> None:
+    """Each round: restart, re-send what was not acknowledged (and a batch that was: its answer
+    may have been lost), post under load for a moment, SIGKILL. Matches used to come back lower
+    after most kills: counts were saved about once a second and re-sent batches are duplicates.
+    """
+    senders = [Sender(server.url) for _ in range(3)]
+    timeout = aiohttp.ClientTimeout(total=10)
+    for round_ in range(KILLS):
+        server.start()
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await server.ready(session)
+            assert await alert_matches(session, server) == matching_stored(server), round_
+            for sender in senders:
+                retries, sender.unacknowledged = sender.unacknowledged, []
+                for events in retries + sender.acknowledged[-1:]:
+                    assert await sender.send(session, events)
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(sender.keep_sending(f"r{round_}s{n}", stop))
+            for n, sender in enumerate(senders)
+        ]
+        target = sum(len(s.acknowledged) for s in senders) + 6
+        await wait_until(
+            lambda: sum(len(s.acknowledged) for s in senders) >= target,  # noqa: B023
+            20,
+            "posts",
+        )
+        await asyncio.sleep(0.1 * (round_ % 5))  # kills land at different points of a tick
+        server.signal(signal.SIGKILL)
+        assert server.wait() == -signal.SIGKILL
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    server.start()
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await server.ready(session)
+        for sender in senders:
+            for events in sender.unacknowledged:
+                assert await sender.send(session, events)
+        matches = await alert_matches(session, server)
+    server.signal(signal.SIGTERM)
+    assert server.wait() == 0, server.log.read_text()
+
+    kept = Counter(event["auditID"] for event in stored(server.data, "crash"))
+    assert [key for key, times in kept.items() if times > 1] == []
+    acknowledged_ids = {
+        event["auditID"] for sender in senders for events in sender.acknowledged for event in events
+    }
+    assert acknowledged_ids - set(kept) == set()
+    assert matches == matching_stored(server) > 0

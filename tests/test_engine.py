@@ -6,21 +6,30 @@ Real storage in tmp_path and real notifications to a local webhook sink.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from tests.e2e_support import (
     WebhookSink,
     alert_doc,
     canonical,
+    eventually,
+    post,
     read_lines,
+    running_receiver,
     stored,
     stream_doc,
     synthetic_events,
+    wait_until,
+    write_yaml,
 )
 
 import auditwatch.engine as engine_module
@@ -364,3 +373,190 @@ async def test_a_tenants_alert_sees_only_events_about_its_own_namespace(
     assert alert_status(engine, tenant.key)["matches"] == 2
     assert alert_status(engine, platform.key)["matches"] == 10
     await engine.close()
+
+
+HOSTILE_NUMBERS = (
+    b'"requestObject":{"n":1e999,"big":123456789012345678901234567890,'
+    b'"wide":1180591620717411303424,"neg":-1e999}'
+)
+
+
+def hostile_event(audit_id: str) -> bytes:
+    """A secret read whose requestObject holds numbers no double or 64-bit integer holds."""
+    return (
+        b'{"kind":"Event","apiVersion":"audit.k8s.io/v1","auditID":"' + audit_id.encode() + b'",'
+        b'"stage":"ResponseComplete","verb":"get","requestURI":"/api/v1/secrets/s",'
+        b'"user":{"username":"mallory"},"objectRef":{"resource":"secrets","name":"s"},'
+        + HOSTILE_NUMBERS
+        + b"}"
+    )
+
+
+async def test_numbers_beyond_64_bits_and_doubles_are_kept_whole_and_the_engine_goes_on(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    """Once such an event matched, saving alert state killed the background loop: the alert
+    never resolved and nothing was flushed. Now every path keeps the event byte for byte."""
+    resources, data = tmp_path / "resources", tmp_path / "data"
+    write_yaml(resources / "stream.yaml", stream_doc("audit"))
+    write_yaml(
+        resources / "alert.yaml",
+        alert_doc("secret-read", "audit", SECRET_READS, sink.url, resolve_after="1s"),
+    )
+    bodies = {
+        "one-line": b"[" + hostile_event("fast") + b"]",
+        "ndjson": hostile_event("nd-1") + b"\n" + hostile_event("nd-2") + b"\n",
+        "pretty": b"[\n  " + hostile_event("pretty") + b"\n]",
+        "envelope": orjson.dumps({"message": hostile_event("vector").decode()}),
+    }
+    async with running_receiver(resources, data) as running, aiohttp.ClientSession() as session:
+        for shape, body in bodies.items():
+            answer = await post(session, running.url + "/api/v1/logstream/audit", body)
+            assert answer.status == 200, (shape, answer.body)
+        state = data / engine_module.STATE_FILE
+        await wait_until(lambda: state.exists() and b"1e999" in state.read_bytes(), 5, "save")
+        await wait_until(
+            lambda: alert_status(running.engine, "default/secret-read")["state"] == "Resolved",
+            10,
+            "the alert resolving",
+        )
+        assert not running.loop.done()
+        metrics = await (await session.get(running.url + "/metrics")).text()
+        assert "auditwatch_background_failures_total{" not in metrics
+    kept = {event["auditID"]: orjson.dumps(event) for event in stored(data, "audit")}
+    assert sorted(kept) == ["fast", "nd-1", "nd-2", "pretty", "vector"]
+    for text in kept.values():
+        assert HOSTILE_NUMBERS in text
+    assert (
+        b"1e999" in state.read_bytes() and b"123456789012345678901234567890" in state.read_bytes()
+    )
+    restarted = Engine(data)  # the saved state reads back with its numbers exact
+    assert b"1180591620717411303424" in orjson.dumps(restarted._saved)
+    restarted.store.close()
+
+
+def nested_event(audit_id: str, depth: int) -> bytes:
+    """An event whose own object and `requestObject` arrays make `depth` levels of nesting."""
+    arrays = depth - 1
+    return (
+        b'{"auditID":"' + audit_id.encode() + b'","verb":"get","stage":"ResponseComplete",'
+        b'"requestObject":' + b"[" * (arrays - 1) + b"]" * (arrays - 1) + b"}"
+    )
+
+
+async def test_nesting_beyond_the_limit_is_a_400_on_every_path_and_the_limit_is_kept(
+    tmp_path: Path,
+) -> None:
+    resources, data = tmp_path / "resources", tmp_path / "data"
+    write_yaml(resources / "stream.yaml", stream_doc("audit"))
+    valid = b'{"auditID":"valid","verb":"get","stage":"ResponseComplete"}'
+
+    def shapes(event: bytes) -> dict[str, bytes]:
+        return {
+            "one-line": b"[" + valid + b"," + event + b"]",
+            "ndjson": valid + b"\n" + event + b"\n",
+            "pretty": b"[\n" + valid + b",\n" + event + b"\n]",
+            "envelope": valid + b"\n" + orjson.dumps({"message": event.decode()}),
+        }
+
+    async with running_receiver(resources, data) as running, aiohttp.ClientSession() as session:
+        url = running.url + "/api/v1/logstream/audit"
+        for depth in (256, 1000):
+            for shape, body in shapes(nested_event(f"deep-{depth}", depth)).items():
+                answer = await post(session, url, body)
+                assert answer.status == 400, (depth, shape, answer.status, answer.body)
+                assert "deeper than 254 levels" in answer.body["error"], (depth, shape)
+        for shape, body in shapes(nested_event("at-limit", 254)).items():
+            answer = await post(session, url, body)
+            assert answer.status == 200, (shape, answer.body)
+    assert sorted(event["auditID"] for event in stored(data, "audit")) == ["at-limit", "valid"]
+
+
+async def test_a_failing_background_duty_is_counted_retried_and_stops_nothing_else(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    resources, data = tmp_path / "resources", tmp_path / "data"
+    write_yaml(resources / "stream.yaml", stream_doc("audit"))
+    write_yaml(
+        resources / "alert.yaml",
+        alert_doc("secret-read", "audit", SECRET_READS, sink.url, resolve_after="1s"),
+    )
+    blocker = (data / engine_module.STATE_FILE).with_suffix(".tmp")
+    blocker.mkdir(parents=True)  # the state file's temporary name taken: every save fails
+    async with running_receiver(resources, data) as running, aiohttp.ClientSession() as session:
+        running.engine.store.flush_interval = timedelta(0)
+        events = synthetic_events("read", 3, objectRef={"resource": "secrets"})
+        assert (await post(session, running.url + "/api/v1/logstream/audit", events)).status == 200
+
+        async def failures_counted() -> bool:
+            text = await (await session.get(running.url + "/metrics")).text()
+            return 'auditwatch_background_failures_total{duty="state_save"}' in text
+
+        await eventually(failures_counted, 5, "failed saves in /metrics")
+        await wait_until(
+            lambda: alert_status(running.engine, "default/secret-read")["state"] == "Resolved",
+            10,
+            "the alert resolving",
+        )
+        # Segments wait for a save (their matches must be saved before they leave staging),
+        # and stay readable meanwhile.
+        assert not any((data / "audit").rglob("*.parquet"))
+        assert len(stored(data, "audit")) == 3
+        blocker.rmdir()
+        await wait_until(lambda: any((data / "audit").rglob("*.parquet")), 5, "a flush")
+        state = data / engine_module.STATE_FILE
+        await wait_until(
+            lambda: b"Resolved" in state.read_bytes() if state.exists() else False, 5, "a save"
+        )
+        assert not running.loop.done()
+
+
+async def test_readiness_and_stream_ready_follow_a_disk_that_refuses_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC on every write below the data directory: 503 to senders, readiness 503, the
+    stream Ready=False; all of it back to normal once the disk takes writes again."""
+    resources, data = tmp_path / "resources", tmp_path / "data"
+    write_yaml(resources / "stream.yaml", stream_doc("audit"))
+    real_write = os.write
+    full = False
+
+    def write(fd: int, payload: Any) -> int:
+        if full and os.readlink(f"/proc/self/fd/{fd}").startswith(str(data)):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, payload)
+
+    monkeypatch.setattr(os, "write", write)
+    async with running_receiver(resources, data) as running, aiohttp.ClientSession() as session:
+        url = running.url
+
+        async def readiness() -> int:
+            async with session.get(url + "/api/v1/readiness") as response:
+                return response.status
+
+        async def stream_ready() -> dict[str, Any]:
+            status = await (await session.get(url + "/api/v1/status")).json()
+            [condition] = status["streams"]["audit"]["conditions"]
+            return dict(condition)
+
+        assert await readiness() == 200
+        full = True
+        answer = await post(session, url + "/api/v1/logstream/audit", synthetic_events("a", 3))
+        assert answer.status == 503
+        assert await readiness() == 503
+        condition = await stream_ready()
+        assert (condition["status"], condition["reason"]) == ("False", "StorageFailing")
+        assert "No space left on device" in condition["message"]
+        await asyncio.sleep(1.5)  # probes meanwhile fail too: still not ready
+        assert await readiness() == 503
+
+        full = False
+
+        async def ready_again() -> bool:
+            return await readiness() == 200
+
+        await eventually(ready_again, 5, "readiness back to 200")
+        assert (await stream_ready())["status"] == "True"
+        answer = await post(session, url + "/api/v1/logstream/audit", synthetic_events("b", 3))
+        assert answer.status == 200
+    assert sorted(event["auditID"] for event in stored(data, "audit")) == ["b-0", "b-1", "b-2"]

@@ -218,6 +218,15 @@ def _parse_int(value: Any, what: str) -> int:
     return value
 
 
+def continues(spec: AlertSpec, snapshot: dict[str, Any]) -> bool:
+    """Whether a tracker restored from `snapshot` keeps its matches: same stream and rule."""
+    return (
+        snapshot.get("stream") == spec.stream
+        and snapshot.get("ruleType") == spec.rule_type
+        and snapshot.get("ruleText") == spec.rule_text
+    )
+
+
 class AlertTracker:
     """The state of one alert, fed with its matching events and with the passing of time."""
 
@@ -428,11 +437,7 @@ class AlertTracker:
         tracker = cls(spec, refresh_interval=refresh_interval)
         if not isinstance(snapshot, dict) or snapshot.get("version") != SNAPSHOT_VERSION:
             raise SnapshotError(f"unknown alert state snapshot version in {str(snapshot)[:80]!r}")
-        same_rule = (
-            snapshot.get("stream") == spec.stream
-            and snapshot.get("ruleType") == spec.rule_type
-            and snapshot.get("ruleText") == spec.rule_text
-        )
+        same_rule = continues(spec, snapshot)
         state = snapshot.get("state")
         if state not in ("Listening", "Firing", "Resolved"):
             raise SnapshotError(f"state: unknown alert state {state!r}")
@@ -488,5 +493,6 @@ __all__ = [
     "Notice",
     "NoticeKind",
     "SnapshotError",
+    "continues",
     "render_message",
 ]

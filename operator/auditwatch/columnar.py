@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from itertools import accumulate
-from operator import attrgetter
+from itertools import accumulate, repeat
+from operator import add, attrgetter
 from typing import Annotated, Any
 
 import msgspec
@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditwatch.decode import EVENT_MARKERS, NON_SPACE, collector_paused
+from auditwatch.exactjson import MAX_DEPTH
 from auditwatch.normalise import LEAVES, EventBatch, assemble, column_kind
 from auditwatch.schema import TYPED_BY_COLUMN, TYPED_FIELDS
 
@@ -141,14 +142,30 @@ def _all_events(typed: list[pa.Array]) -> bool:
 
 
 def _event_text(items: list[msgspec.Raw]) -> pa.Array | None:
-    """The items' bytes as a string column, or None if they are not valid UTF-8."""
+    """The items' bytes as a string column, or None if they are not valid UTF-8 or one of
+    them may nest deeper than MAX_DEPTH (the general path words the 400)."""
     data = b"".join(items)
     if len(data) >= 2**31:
         return None
-    offsets = pa.array(accumulate(map(len, items), initial=0), pa.int32())
+    ends = list(accumulate(map(len, items), initial=0))
+    if _may_nest_too_deep(data, ends):
+        return None
+    offsets = pa.array(ends, pa.int32())
     text = pa.StringArray.from_buffers(len(items), offsets.buffers()[1], pa.py_buffer(data))
     try:
         text.validate(full=True)
     except pa.ArrowInvalid:
         return None
     return text
+
+
+def _may_nest_too_deep(data: bytes, ends: list[int]) -> bool:
+    """Whether an item, `data[ends[i]:ends[i + 1]]`, holds more than MAX_DEPTH brackets and
+    braces (a bound on its nesting, brackets in strings included); counted in C, per item only
+    when the whole body holds that many."""
+    if data.count(b"{") + data.count(b"[") <= MAX_DEPTH:
+        return False
+    starts, stops = ends[:-1], ends[1:]
+    braces = map(data.count, repeat(b"{"), starts, stops)
+    brackets = map(data.count, repeat(b"["), starts, stops)
+    return int(max(map(add, braces, brackets))) > MAX_DEPTH

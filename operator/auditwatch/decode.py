@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 import zstandard
 
+from auditwatch import exactjson
+
 MiB = 1024 * 1024
 DEFAULT_MAX_DECODED_BYTES = 64 * MiB
 
@@ -192,7 +194,7 @@ def decode_json(data: bytes) -> list[dict[str, Any]]:
             _decode_lines(data, events)
         else:
             try:
-                whole = orjson.loads(data)
+                whole = exactjson.loads(data)
             except orjson.JSONDecodeError as err:
                 raise _invalid_json(err, "") from None
             _collect(whole, None, "", events)
@@ -228,7 +230,7 @@ def _is_ndjson(data: bytes, first: int) -> bool:
     if end == -1 or NON_SPACE.search(data, end) is None:
         return False
     try:
-        orjson.loads(data[data.rfind(b"\n", 0, first) + 1 : end])
+        exactjson.loads(data[data.rfind(b"\n", 0, first) + 1 : end])
     except orjson.JSONDecodeError:
         return False
     return True
@@ -244,7 +246,7 @@ def _decode_lines(data: bytes, events: list[dict[str, Any]]) -> None:
     values: list[Any] = []
     for number, line in lines:
         try:
-            values.append(orjson.loads(line))
+            values.append(exactjson.loads(line))
         except orjson.JSONDecodeError as err:
             raise _invalid_json(err, f"line {number}, ") from None
     for (number, _), value in zip(lines, values, strict=True):
@@ -328,7 +330,7 @@ def _unwrap(envelope: dict[str, Any], line: int | None, path: str) -> dict[str, 
         key = next(k for k in _ENVELOPE_KEYS if isinstance(envelope.get(k), str))
         payload = envelope[key]
     try:
-        event = orjson.loads(payload)
+        event = exactjson.loads(payload)
     except orjson.JSONDecodeError as err:
         raise DecodeError(f"{_describe(line, _join(path, key))} is not JSON: {err}") from None
     if not isinstance(event, dict):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,11 +25,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from auditwatch.alerts import AlertTracker, Notice, SnapshotError
+from auditwatch import exactjson
+from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
-from auditwatch.normalise import EventBatch
+from auditwatch.normalise import EventBatch, from_table
 from auditwatch.notify import Notifier
 from auditwatch.rules.evaluate import CompiledRule, compile_rule
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
@@ -64,6 +65,8 @@ class _Matched:
     alert: _LiveAlert
     count: int
     latest: dict[str, Any]
+    segment: str | None
+    """The staging segment holding the events (see `Engine._staged_matches`)."""
 
 
 def _about_namespace(
@@ -108,6 +111,14 @@ class Engine:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._last_retention = datetime.min.replace(tzinfo=UTC)
+        self._staged_matches: dict[str, dict[str, int]] = {}
+        """Per alert, its matches among the events of each staging segment not yet converted
+        to Parquet. Saved with the state: after a crash, the segments still staged are
+        recounted (`_recount_staged`) and replace these, so `matches` equals the matching
+        events stored however many were acknowledged, re-sent or lost with the process."""
+        self._ingests: set[asyncio.Future[None]] = set()
+        """Ingests in progress: a segment is converted only once those that may have written
+        to it have counted their matches and the counts were saved."""
 
     # -- configuration ----------------------------------------------------------------------
 
@@ -154,6 +165,7 @@ class Engine:
             for key in set(self._saved) - set(live) - set(invalid):
                 del self._saved[key]
                 self._dirty = True
+            self._recount_staged(live)
         by_stream: dict[str, list[_LiveAlert]] = {}
         for alert in live.values():
             by_stream.setdefault(alert.spec.stream, []).append(alert)
@@ -172,6 +184,28 @@ class Engine:
             self._conditions.note(key, ok, now)
         self.config_loaded = True
         self._wake()
+
+    def _recount_staged(self, live: Mapping[str, _LiveAlert]) -> None:
+        """After a restart: each restored alert's matches in the segments still staged, counted
+        from the events, replace the counts saved for them (events stored but not counted
+        before a crash, counted but not saved, or acknowledged late and re-sent as duplicates)."""
+        staged: dict[str, list[tuple[str, EventBatch]]] = {}
+        for key, alert in live.items():
+            saved = self._saved.get(key)
+            if saved is None or not continues(alert.spec, saved):
+                continue
+            stream = alert.spec.stream
+            if stream not in staged:
+                staged[stream] = [(stem, from_table(t)) for stem, t in self.store.staged(stream)]
+            saved_counts = saved.get("stagedMatches")
+            before = saved_counts if isinstance(saved_counts, dict) else {}
+            counts = {stem: alert.rule.evaluate(batch).true_count for stem, batch in staged[stream]}
+            delta = sum(counts.values()) - sum(int(before.get(stem, 0)) for stem in counts)
+            if delta:
+                logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
+                alert.tracker.total += delta
+                self._dirty = True
+            self._staged_matches[key] = {stem: n for stem, n in counts.items() if n}
 
     def _live_alert(self, key: str, spec: AlertSpec) -> _LiveAlert:
         current = self._alerts.get(key)
@@ -202,6 +236,21 @@ class Engine:
         """
         now = self.clock()
         alerts = self._by_stream.get(stream.name, ())
+        done = asyncio.get_running_loop().create_future()
+        self._ingests.add(done)
+        try:
+            return await self._ingest(stream, batch, alerts, now)
+        finally:
+            self._ingests.discard(done)
+            done.set_result(None)
+
+    async def _ingest(
+        self,
+        stream: StreamSpec,
+        batch: EventBatch,
+        alerts: tuple[_LiveAlert, ...],
+        now: datetime,
+    ) -> dict[str, int]:
         stored, matches = await asyncio.to_thread(self._store_and_match, stream.name, batch, alerts)
         received = len(batch)
         self.metrics.events_received.labels(stream.name).inc(received)
@@ -212,6 +261,9 @@ class Engine:
             key = match.alert.spec.key
             self.metrics.rule_matches.labels(key).inc(match.count)
             if self._alerts.get(key) is match.alert:  # not deleted meanwhile
+                if match.segment is not None:
+                    per_segment = self._staged_matches.setdefault(key, {})
+                    per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
                 notices = match.alert.tracker.observe(match.count, match.latest, now)
                 self._deliver(match.alert.spec, notices)
                 notified = notified or bool(notices)
@@ -246,7 +298,7 @@ class Engine:
                 count = mask.true_count
                 if count:
                     last = pc.indices_nonzero(mask)[-1].as_py()
-                    matches.append(_Matched(alert, count, new.event(last)))
+                    matches.append(_Matched(alert, count, new.event(last), new.segment))
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------
@@ -259,11 +311,7 @@ class Engine:
             while not stop.is_set():
                 wakeup.clear()  # before the work: a wake-up arriving during it is kept
                 now = self.clock()
-                for alert in list(self._alerts.values()):
-                    notices = alert.tracker.tick(now)
-                    if notices:
-                        self._dirty = True
-                        self._deliver(alert.spec, notices)
+                await self._duty("alert_timers", self._tick_alerts, now)
                 await self._housekeeping(now)
                 waking = asyncio.ensure_future(wakeup.wait())
                 await asyncio.wait(
@@ -275,25 +323,72 @@ class Engine:
         finally:
             stopping.cancel()
 
+    def _tick_alerts(self, now: datetime) -> None:
+        """Repeats and resolves now due."""
+        for alert in list(self._alerts.values()):
+            notices = alert.tracker.tick(now)
+            if notices:
+                self._dirty = True
+                self._deliver(alert.spec, notices)
+
     async def _housekeeping(self, now: datetime) -> None:
-        try:
-            await asyncio.to_thread(self.store.flush, now)
-            if now - self._last_retention >= RETENTION_EVERY:
-                self._last_retention = now
-                for name, spec in self._streams.items():
-                    if spec.retention is not None:
-                        await asyncio.to_thread(
-                            self.store.apply_retention, name, spec.retention, now
-                        )
-        except Exception:  # keep the loop alive; data stays staged and is retried next time
-            logger.exception("storage housekeeping failed")
+        """Each duty on its own: one failing (a full disk, a bad value) is counted, logged and
+        retried next tick, and never keeps the others from running."""
+        if self.store.write_failure() is not None:
+            await self._duty("storage_probe", asyncio.to_thread, self.store.probe)
+        saved = await self._duty("state_save", self._save_state_if_dirty)
+        if self.config_loaded and saved:  # before the first config, staged matches not recounted
+            await self._duty("flush", self._flush_counted, now)
+        if now - self._last_retention >= RETENTION_EVERY and await self._duty(
+            "retention", asyncio.to_thread, self._apply_retention, now
+        ):
+            self._last_retention = now
+
+    async def _save_state_if_dirty(self) -> None:
         if self._dirty:
             self._dirty = False
+            state = self._state_snapshot()
             try:
-                await asyncio.to_thread(self._save_state)
-            except OSError:
+                await asyncio.to_thread(self._write_state, state)
+            except BaseException:
                 self._dirty = True
-                logger.exception("cannot save alert state to %s", self._state_path)
+                raise
+
+    async def _flush_counted(self, now: datetime) -> None:
+        """Convert the segments due, once every match in them is counted and saved: the
+        ingests that may have written to them finish, then the state is saved."""
+        sealed = await asyncio.to_thread(self.store.seal, now)
+        if not sealed:
+            return
+        if in_progress := set(self._ingests):
+            await asyncio.wait(in_progress)
+        await self._save_state_if_dirty()
+        try:
+            await asyncio.to_thread(self.store.flush, now, segments=sealed)
+        finally:
+            converted = sealed - self.store.staged_segments()
+            for counts in self._staged_matches.values():
+                for stem in converted & counts.keys():
+                    del counts[stem]
+                    self._dirty = True
+
+    def _apply_retention(self, now: datetime) -> None:
+        for name, spec in list(self._streams.items()):
+            if spec.retention is not None:
+                self.store.apply_retention(name, spec.retention, now)
+
+    async def _duty(self, duty: str, work: Callable[..., Any], *args: Any) -> bool:
+        """Run one background duty (`work(*args)`, awaited if it returns a coroutine);
+        False, counted and logged, if it failed."""
+        try:
+            result = work(*args)
+            if isinstance(result, Coroutine):
+                await result
+        except Exception:
+            self.metrics.background_failures.labels(duty).inc()
+            logger.exception("background duty %s failed; retried at the next tick", duty)
+            return False
+        return True
 
     def _sleep_seconds(self, now: datetime) -> float:
         deadlines = [now + MAX_TICK]
@@ -316,9 +411,21 @@ class Engine:
         task.add_done_callback(self._deliveries.discard)
 
     async def _deliver_counted(self, spec: AlertSpec, notices: list[Notice]) -> None:
-        results = await asyncio.gather(*(self.notifier.deliver(spec, n) for n in notices))
+        results = await asyncio.gather(
+            *(self.notifier.deliver(spec, n) for n in notices), return_exceptions=True
+        )
         for notice, ok in zip(notices, results, strict=True):
-            counter = self.metrics.notifications_sent if ok else self.metrics.notifications_failed
+            if isinstance(ok, BaseException):  # a bug in delivery: the notice counts as failed
+                self.metrics.background_failures.labels("delivery").inc()
+                logger.error(
+                    "alert %s: delivery to %s failed: %s",
+                    spec.key,
+                    notice.target,
+                    type(ok).__name__,
+                    exc_info=ok,
+                )
+            sent = ok is True
+            counter = self.metrics.notifications_sent if sent else self.metrics.notifications_failed
             counter.labels(spec.key, notice.target).inc()
 
     async def close(self, timeout: float = 10.0) -> None:
@@ -328,7 +435,7 @@ class Engine:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        self._save_state()
+        await self._duty("state_save", self._save_state)  # storage is flushed whatever it did
         await asyncio.to_thread(self.store.close)
         await self.notifier.close()
 
@@ -336,7 +443,7 @@ class Engine:
 
     def _load_state(self) -> dict[str, dict[str, Any]]:
         try:
-            saved = orjson.loads(self._state_path.read_bytes())
+            saved = exactjson.loads(self._state_path.read_bytes())
         except FileNotFoundError:
             return {}
         except (OSError, orjson.JSONDecodeError) as error:
@@ -345,12 +452,26 @@ class Engine:
         return saved if isinstance(saved, dict) else {}
 
     def _save_state(self) -> None:
-        """Write every tracker's snapshot atomically (temp file, fsync, rename)."""
-        self._saved.update({key: alert.tracker.snapshot() for key, alert in self._alerts.items()})
+        self._write_state(self._state_snapshot())
+
+    def _state_snapshot(self) -> dict[str, dict[str, Any]]:
+        """Every tracker's snapshot and its matches per staged segment (in the event loop's
+        thread: ingests change both)."""
+        self._saved.update(
+            {
+                key: alert.tracker.snapshot()
+                | {"stagedMatches": dict(self._staged_matches.get(key, {}))}
+                for key, alert in self._alerts.items()
+            }
+        )
+        return dict(self._saved)
+
+    def _write_state(self, state: dict[str, dict[str, Any]]) -> None:
+        """Write the state atomically (temp file, fsync, rename)."""
         self._state_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self._state_path.with_suffix(".tmp")
         with open(temporary, "wb") as file:
-            file.write(orjson.dumps(self._saved))
+            file.write(orjson.dumps(state))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, self._state_path)
@@ -358,18 +479,23 @@ class Engine:
     # -- reporting --------------------------------------------------------------------------
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready once a configuration is loaded and the data directory takes writes."""
+        """Ready once a configuration is loaded and the data directory takes writes (not
+        while appends or flushes fail: see Store.write_failure)."""
         if not self.config_loaded:
             return False, "configuration not loaded yet"
         if not os.access(self.data_dir, os.W_OK):
             return False, f"data directory {self.data_dir} is not writable"
+        failure = self.store.write_failure()
+        if failure is not None:
+            return False, f"storage writes fail: {failure}"
         return True, "ok"
 
     def status(self) -> dict[str, Any]:
         """Every stream and alert with the fields of its custom resource's status."""
         now = self.clock()
+        failure = self.store.write_failure()
         streams = {
-            name: stream_status(spec, self.store.stats(name), self._conditions, now)
+            name: stream_status(spec, self.store.stats(name), self._conditions, now, failure)
             for name, spec in sorted(self._streams.items())
         }
         alerts: dict[str, Any] = {}

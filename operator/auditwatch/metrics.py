@@ -63,6 +63,13 @@ class Metrics:
             ["alert", "target"],
             registry=self.registry,
         )
+        self.background_failures = Counter(
+            "auditwatch_background_failures",
+            "Failed runs of a background duty (state_save, flush, retention, storage_probe, "
+            "alert_timers, delivery); each is retried and never stops the others.",
+            ["duty"],
+            registry=self.registry,
+        )
         self.request_seconds = Histogram(
             "auditwatch_ingest_request_seconds",
             "Time to answer an ingest request, by HTTP status code.",

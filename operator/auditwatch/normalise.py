@@ -8,7 +8,6 @@ per-event reference evaluator (`typed_value`) agree on every event, type clashes
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +18,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from auditwatch import exactjson
+from auditwatch.decode import DecodeError
 from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, TIMESTAMP, TYPED_FIELDS, TypedField
 
 _INT64_MIN = -(2**63)
@@ -56,6 +57,9 @@ class EventBatch:
     """The whole table as the store's staging message (`store.wal.batch_message`), when the
     decoding worker process made it: the store then only has to write it."""
     _parsed: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    segment: str | None = field(default=None, repr=False, kw_only=True)
+    """The staging segment (stem) the store wrote these events to, on a batch `Store.append`
+    returned: alert counts are kept per segment so a crash can recount (engine.py)."""
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
@@ -96,16 +100,12 @@ class EventBatch:
 
 
 def parse_event(text: str) -> dict[str, Any]:
-    """A stored `event` text as the event: orjson, or Python's json where orjson refuses.
+    """A stored `event` text as the event, every number as exact as its text (exactjson.py).
 
     The fast path (columnar.py) keeps the sender's bytes, which msgspec checked as JSON without
-    reading every number: one beyond a double's range (1e999) is valid JSON that orjson refuses
-    and Python's json reads as infinity.
+    reading every number: one beyond a double's range (1e999) or 64 bits must read back too.
     """
-    try:
-        event: dict[str, Any] = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        event = json.loads(text)
+    event: dict[str, Any] = exactjson.loads(text)
     return event
 
 
@@ -129,9 +129,14 @@ def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch
     """Build the batch for events received at `received_at` (UTC; a naive time is taken as UTC).
 
     Every event must be JSON-serialisable (what the decoder returns always is); a value that
-    does not fit its typed column is null there and intact in `event`, never an error.
+    does not fit its typed column is null there and intact in `event`, never an error. An event
+    nesting deeper than `exactjson.MAX_DEPTH` raises DecodeError (the receiver's 400).
     """
-    event_json = pa.array(list(map(orjson.dumps, events)), pa.string())
+    try:
+        texts = list(map(orjson.dumps, events))
+    except orjson.JSONEncodeError:
+        raise _unwritable(events) from None
+    event_json = pa.array(texts, pa.string())
     leaves = _leaf_columns(_PathValues(events))
     table = assemble(
         [leaves[f.path] for f in TYPED_FIELDS],
@@ -140,6 +145,20 @@ def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch
         event_json,
     )
     return EventBatch(table, events)
+
+
+def _unwritable(events: list[dict[str, Any]]) -> DecodeError:
+    """The error naming the first event orjson cannot write back (only nesting, in practice)."""
+    for index, event in enumerate(events):
+        try:
+            orjson.dumps(event)
+        except orjson.JSONEncodeError as error:
+            if "Recursion" in str(error):
+                return DecodeError(
+                    f"event {index} nests deeper than {exactjson.MAX_DEPTH} levels (the limit)"
+                )
+            return DecodeError(f"event {index} cannot be kept: {error}")
+    raise AssertionError("orjson refused the batch but none of its events")
 
 
 def assemble(

@@ -66,22 +66,29 @@ class Conditions:
 
 
 def stream_status(
-    spec: StreamSpec, stats: StreamStats, conditions: Conditions, now: datetime
+    spec: StreamSpec,
+    stats: StreamStats,
+    conditions: Conditions,
+    now: datetime,
+    storage_failure: str | None = None,
 ) -> dict[str, Any]:
-    """An AuditStream's status: ready to receive, events kept, the newest one, the path."""
+    """An AuditStream's status: ready to receive (not while `storage_failure` says why storage
+    writes fail), events kept, the newest one, the path."""
+    if storage_failure is None:
+        ok, reason = True, "Receiving"
+        message = (
+            f"POST events to /api/v1/logstream/{spec.name} or /api/v1/ingest "
+            f"with X-P-Stream: {spec.name}"
+        )
+    else:
+        ok, reason, message = False, "StorageFailing", f"storage writes fail: {storage_failure}"
     return {
         "observedGeneration": spec.generation,
         "eventsReceived": stats.events,
         "lastEventTime": iso(stats.last_received),
         "ingestPath": f"/api/v1/logstream/{spec.name}",
         "conditions": conditions.ready(
-            STREAM_KEY.format(spec.name),
-            True,
-            "Receiving",
-            f"POST events to /api/v1/logstream/{spec.name} or /api/v1/ingest "
-            f"with X-P-Stream: {spec.name}",
-            spec.generation,
-            now,
+            STREAM_KEY.format(spec.name), ok, reason, message, spec.generation, now
         ),
     }
 

@@ -4,8 +4,9 @@ The receiver calls `append` from worker threads and answers 2xx only after it re
 the new events are fdatasync'ed in a staging segment (`wal.py`). `flush` (called periodically)
 turns segments older than `flush_interval` into hive-partitioned Parquet files. One `Store` owns
 a data directory (an exclusive lock file), and its constructor recovers whatever a crashed
-process left: torn segment tails are cut, closed segments are converted, and the dedup keys and
-statistics are rebuilt from disk.
+process left: torn segment tails are cut, closed segments wait for the next flush (so that the
+engine can recount its alerts' matches in them first), and the dedup keys and statistics are
+rebuilt from disk.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ DEFAULT_SEGMENT_MAX_BYTES = 64 * 1024 * 1024
 Arrow data (segments are uncompressed Arrow), about 45,000 events per Parquet file at most."""
 DEFAULT_MAX_STAGED_BYTES = 1024 * 1024 * 1024
 LOCK_FILE = ".lock"
+PROBE_FILE = ".probe"
+PROBE_BYTES = 4096
+"""A block: on a full disk, writing it fails where a byte might still fit."""
 _UNSAFE_HOST_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -86,6 +90,8 @@ class _Unsynced:
     """A batch written but maybe not durable yet: its segment, where it ends, its keys."""
 
     writer: SegmentWriter
+    segment: str
+    """The segment's stem (`SegmentName.stem`)."""
     end: int
     keys: list[str]
     events: int
@@ -164,6 +170,8 @@ class Store:
         self._staged_total = 0
         self._last_segment_id = 0
         self._closed = False
+        self._failures: dict[str, str] = {}
+        """Why writes fail now, by what failed ("append", "flush"); empty while they succeed."""
         make_dirs(self.data_dir)
         self._lock_fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -199,9 +207,9 @@ class Store:
         if written is not None:
             self._sync(state, written)
         self._await_durable(stream, originals)
-        if classified.all_new:
-            return batch
-        return batch.filter(pa.array(classified.mask, pa.bool_()))
+        new = batch if classified.all_new else batch.filter(pa.array(classified.mask, pa.bool_()))
+        new.segment = None if written is None else written.segment
+        return new
 
     def _write_new(self, state: _Stream, batch: EventBatch, classified: Classified) -> _Unsynced:
         """Write the batch's new rows to the stream's segment (caller holds the lock).
@@ -220,6 +228,8 @@ class Store:
                 )
         try:
             writer = state.writer or self._open_segment(state)
+            assert state.writer_name is not None
+            segment = state.writer_name.stem
             staged = batch.staged if classified.all_new else None
             if staged is None:
                 staged = batch_message(encode_table(new))
@@ -227,11 +237,12 @@ class Store:
             end = writer.write(staged)
         except OSError as error:
             self._abandon_writer(state)
+            self._failures["append"] = str(error)
             raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
         received = _newest(new[INGEST_TIME])
         assert received is not None  # p_timestamp is not nullable
         state.dedup.add(classified.new_keys, int(received.timestamp() * 1_000_000))
-        written = _Unsynced(writer, end, classified.new_keys, new.num_rows, end - start)
+        written = _Unsynced(writer, segment, end, classified.new_keys, new.num_rows, end - start)
         state.unsynced.append(written)
         self._count(state, written.events, written.bytes)
         state.saw(_newest(new[EVENT_TIME]), received)
@@ -245,6 +256,7 @@ class Store:
         try:
             written.writer.sync(written.end)
         except OSError as error:
+            self._failures["append"] = str(error)
             with state.lock:
                 state.unsynced.remove(written)
                 state.dedup.forget(written.keys)
@@ -252,6 +264,7 @@ class Store:
                 if state.writer is written.writer:
                     self._abandon_writer(state)
             raise StorageUnavailable(f"cannot write stream {state.name!r}: {error}") from error
+        self._failures.pop("append", None)
 
     @staticmethod
     def _unsynced_originals(state: _Stream, kept_keys: list[str]) -> list[_Unsynced]:
@@ -282,24 +295,92 @@ class Store:
         with self._lock:
             self._staged_total += staged_bytes
 
-    def flush(self, now: datetime | None = None, *, everything: bool = False) -> list[Path]:
+    def seal(self, now: datetime | None = None, *, everything: bool = False) -> set[str]:
+        """Close the segments being appended to that are older than `flush_interval` (all, with
+        `everything`); returns the stems of every closed segment waiting for conversion.
+
+        No event is written to a closed segment any more: a caller that waits for the appends
+        in progress knows all of their events (the engine's alert counts do, see engine.py).
+        """
+        now = now or datetime.now(UTC)
+        for state in self._all_streams():
+            with state.lock:
+                if state.writer_name is not None and (
+                    everything or now - state.writer_name.created >= self.flush_interval
+                ):
+                    self._rotate(state)
+        return self.staged_segments()
+
+    def staged_segments(self) -> set[str]:
+        """The stems of the closed segments of every stream waiting for conversion."""
+        stems: set[str] = set()
+        for state in self._all_streams():
+            with state.lock:
+                stems.update(c.name.stem for c in state.closed)
+        return stems
+
+    def staged(self, stream: str) -> list[tuple[str, pa.Table]]:
+        """The closed segments of `stream` waiting for conversion: stem and events."""
+        state = self._stream(stream)
+        with state.lock:
+            pending = list(state.closed)
+        tables = []
+        for segment in pending:
+            batches = read_segment(segment.path, repair=False).batches
+            tables.append((segment.name.stem, pa.Table.from_batches(batches, EVENT_SCHEMA)))
+        return tables
+
+    def flush(
+        self,
+        now: datetime | None = None,
+        *,
+        everything: bool = False,
+        segments: set[str] | None = None,
+    ) -> list[Path]:
         """Convert staged segments to Parquet; returns the Parquet files written.
 
         The segment being appended to is closed first when it is older than `flush_interval`
-        (or always, with `everything`). Raises StorageUnavailable when a file cannot be written;
-        the segment stays staged and the next flush retries it.
+        (or always, with `everything`). Only `segments` (stems) are converted, if given.
+        Raises StorageUnavailable when a file cannot be written; the segment stays staged and
+        the next flush retries it.
         """
-        now = now or datetime.now(UTC)
         written: list[Path] = []
         with self._flush_lock:
-            for state in self._all_streams():
-                with state.lock:
-                    if state.writer_name is not None and (
-                        everything or now - state.writer_name.created >= self.flush_interval
-                    ):
-                        self._rotate(state)
-                written.extend(self._convert_closed(state))
+            try:
+                self.seal(now, everything=everything)
+                for state in self._all_streams():
+                    written.extend(self._convert_closed(state, segments))
+            except StorageUnavailable as error:
+                self._failures["flush"] = error.reason
+                raise
+            self._failures.pop("flush", None)
         return written
+
+    def write_failure(self) -> str | None:
+        """Why storage writes fail now (the last failed append or flush), or None.
+
+        Cleared by the next append or flush that succeeds, or by `probe`: readiness and the
+        streams' Ready condition follow it.
+        """
+        failures = dict(self._failures)
+        return "; ".join(f"{what}: {why}" for what, why in sorted(failures.items())) or None
+
+    def probe(self) -> None:
+        """Try a small durable write beside the streams; if it succeeds, a failed append no
+        longer counts as failing (nobody may send while readiness says not ready)."""
+        path = self.data_dir / PROBE_FILE
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, bytes(PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+        except OSError as error:
+            self._failures["append"] = str(error)
+            return
+        self._failures.pop("append", None)
 
     def apply_retention(
         self, stream: str, retention: timedelta, now: datetime | None = None
@@ -410,9 +491,9 @@ class Store:
             with contextlib.suppress(OSError):
                 writer.path.unlink()
 
-    def _convert_closed(self, state: _Stream) -> list[Path]:
+    def _convert_closed(self, state: _Stream, segments: set[str] | None) -> list[Path]:
         with state.lock:
-            pending = list(state.closed)
+            pending = [c for c in state.closed if segments is None or c.name.stem in segments]
         written: list[Path] = []
         for segment in pending:
             try:
@@ -448,10 +529,6 @@ class Store:
                 state = self._stream(entry.name)
                 with state.lock:
                     self._recover_stream(state)
-        try:
-            self.flush()
-        except StorageUnavailable as error:
-            log.warning("staged segments stay staged for now: %s", error.reason)
 
     def _recover_stream(self, state: _Stream) -> None:
         """Cut torn segment tails, queue segments for conversion, rebuild stats and dedup keys."""
