@@ -23,6 +23,7 @@ from aiohttp import web
 
 from auditwatch.config.files import DirectorySource
 from auditwatch.engine import Engine
+from auditwatch.receive import ReceiverOptions
 from auditwatch.serve import apply_config_set, start_receiver
 from auditwatch.store import query
 
@@ -259,7 +260,11 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def running_receiver(
-    resources: Path, data: Path, decode_workers: int = 0
+    resources: Path,
+    data: Path,
+    decode_workers: int = 0,
+    options: ReceiverOptions | None = None,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[Running]:
     """Engine + receiver + background loop on a free loopback port; closed (flushed) on exit.
 
@@ -268,8 +273,9 @@ async def running_receiver(
     source = DirectorySource(resources)
     engine = Engine(data)
     apply_config_set(engine, source.reload())
-    runner = await start_receiver(engine, "127.0.0.1", 0, decode_workers=decode_workers)
-    host, port = runner.addresses[0][:2]
+    runner = await start_receiver(engine, host, 0, decode_workers=decode_workers, options=options)
+    port = runner.addresses[0][1]
+    host = "127.0.0.1" if host == "0.0.0.0" else host
     stop = asyncio.Event()
     loop = asyncio.create_task(engine.run(stop))
     running = Running(engine, source, f"http://{host}:{port}", data, runner, stop, loop)

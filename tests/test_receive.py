@@ -6,10 +6,15 @@ back from storage with `auditwatch.store.query`.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import ipaddress
+import logging
 import multiprocessing
 import os
 import signal
+import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +26,7 @@ import orjson
 import pytest
 import zstandard
 from aiohttp import web
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e_support import (
     LOG_SAMPLES,
@@ -41,10 +47,18 @@ from tests.e2e_support import (
     write_yaml,
 )
 
+from auditwatch import receive
+from auditwatch.cli import main
 from auditwatch.config.model import StreamSpec
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
-from auditwatch.receive import FORWARDED_HEADER, RETRY_HEADERS, Receiver, Rejected
+from auditwatch.receive import (
+    FORWARDED_HEADER,
+    RETRY_HEADERS,
+    Receiver,
+    ReceiverOptions,
+    Rejected,
+)
 from auditwatch.store import StorageUnavailable, Store
 
 LIST_RULE = 'verb = "list"'
@@ -300,7 +314,7 @@ BAD_REQUESTS: list[tuple[str, str, bytes, dict[str, str], int, str]] = [
         415,
         "x-snappy",
     ),
-    ("unknown stream", "nosuch", b'{"auditID":"u1"}', {}, 404, "nosuch"),
+    ("unknown stream", "nosuch", b'{"auditID":"u1"}', {}, 401, "credentials"),
     (
         "body over maxBodyBytes",
         "small",
@@ -476,12 +490,42 @@ async def test_credentials_are_checked_for_basic_and_bearer_streams(
     assert canonical(stored(server.data, "bearer")) == canonical(events)
 
 
-async def test_bearer_stream_challenges_for_a_bearer_token(
-    server: Running, session: aiohttp.ClientSession
+CHALLENGE_HEADER = 'Basic realm="auditwatch", Bearer realm="auditwatch"'
+
+PROBES = {
+    "no credentials": {},
+    "Basic and nothing after it": {"Authorization": "Basic"},
+    "Basic and a space": {"Authorization": "Basic "},
+    "Bearer and nothing after it": {"Authorization": "Bearer"},
+    "garbage basic": {"Authorization": "Basic %%%"},
+    "wrong basic": basic_auth("sender", "guess"),
+    "wrong bearer": {"Authorization": "Bearer guess"},
+    "other scheme": {"Authorization": "Digest username=sender"},
+}
+
+
+@pytest.mark.parametrize("probe", PROBES)
+async def test_stream_names_cannot_be_found_by_probing(
+    probe: str, server: Running, session: aiohttp.ClientSession
 ) -> None:
-    answer = await post(session, server.url + "/api/v1/logstream/bearer", b'{"auditID":"c"}')
-    assert answer.status == 401
-    assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+    """An unknown stream answers exactly as a stream with basic auth and one with a bearer
+    token do to the same missing or wrong credentials: 401 without usable credentials (a
+    scheme with nothing after it included), 403 with wrong ones."""
+    headers = PROBES[probe]
+    answers = []
+    for stream in ("nosuch", "basic", "bearer"):
+        for url in (
+            f"{server.url}/api/v1/logstream/{stream}",
+            f"{server.url}/api/v1/ingest",
+        ):
+            answer = await post(session, url, b'{"auditID":"p"}', headers | {"X-P-Stream": stream})
+            answers.append((answer.status, answer.body, answer.headers.get("WWW-Authenticate")))
+    assert len(set(map(repr, answers))) == 1, answers
+    status, body, challenge = answers[0]
+    expected = 403 if probe.startswith(("wrong", "other")) else 401
+    assert status == expected, body
+    assert "credentials" in body["error"]
+    assert challenge == (CHALLENGE_HEADER if status == 401 else None)
 
 
 async def test_storage_failure_is_a_503_with_retry_after_and_the_retry_succeeds(
@@ -726,20 +770,19 @@ async def test_a_follower_answers_with_the_leaders_answer_and_the_leader_keeps_t
     answer = await post(
         session, follower.url + "/api/v1/logstream/bearer", synthetic_events("b", 1)
     )
-    assert answer.status == 401 and answer.headers["WWW-Authenticate"].startswith("Bearer")
+    assert answer.status == 401 and answer.headers["WWW-Authenticate"] == CHALLENGE_HEADER
     answer = await post(session, follower.url + "/api/v1/logstream/small", small_events(20))
     assert answer.status == 413
     answer = await post(session, follower.url + "/api/v1/logstream/nosuch", events)
-    assert answer.status == 404 and "nosuch" in answer.body["error"]
+    assert answer.status == 401 and "credentials" in answer.body["error"]
 
     status = await get_json(session, server.url + "/api/v1/status")
     assert status["alerts"]["default/lists"]["matches"] == lists
     assert await forwarded_codes(session, follower.url) == {
         "200": 3,
         "400": 1,
-        "401": 1,
+        "401": 2,
         "413": 1,
-        "404": 1,
     }
     await server.close()
     assert canonical(stored(server.data, "open")) == canonical(events)
@@ -797,3 +840,203 @@ async def test_an_unreachable_leader_is_a_503_with_retry_after(
     assert follower.ingestor.leader in answer.body["error"]
     async with session.get(follower.url + "/metrics") as response:
         assert 'reason="leader_unreachable"' in await response.text()
+
+
+# -- slow and hostile senders -------------------------------------------------------------------
+
+
+SHORT_DEADLINES = ReceiverOptions(header_timeout=1.5, body_timeout=1.5)
+
+
+@pytest.fixture
+async def hurried(tmp_path: Path) -> AsyncIterator[Running]:
+    """Streams open (alert on lists) and copy, with deadlines of 1.5 s."""
+    resources = tmp_path / "resources"
+    write_yaml(resources / "streams.yaml", stream_doc("open"), stream_doc("copy"))
+    write_yaml(resources / "alert.yaml", alert_doc("lists", "open", LIST_RULE, None))
+    async with running_receiver(resources, tmp_path / "data", options=SHORT_DEADLINES) as running:
+        yield running
+
+
+async def raw_connection(
+    server: Running, data: bytes
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A socket to the server that has sent `data` and then goes silent."""
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+def slow_post(stream: str, length: int, sent: bytes) -> bytes:
+    return (
+        f"POST /api/v1/logstream/{stream} HTTP/1.1\r\nHost: auditwatch\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode() + sent
+
+
+async def test_slow_senders_hold_no_slot_and_are_cut_off_at_the_deadlines(
+    hurried: Running, session: aiohttp.ClientSession
+) -> None:
+    """40 connections that send a POST's headers and one byte of its body, and 5 that send
+    half a request line, then go silent: other requests, on their stream and on another, are
+    answered 200 meanwhile; the first get 408 and are closed once the body deadline passes,
+    the others are closed once the header deadline passes."""
+    started = time.monotonic()
+    bodies = [await raw_connection(hurried, slow_post("open", 100, b"[")) for _ in range(40)]
+    headers = [await raw_connection(hurried, b"POST /api/v1/log") for _ in range(5)]
+    await asyncio.sleep(0.3)  # every slow request is in its handler by now
+
+    for stream in ("copy", "open"):
+        answer = await post(
+            session, f"{hurried.url}/api/v1/logstream/{stream}", synthetic_events(stream, 3)
+        )
+        assert answer.status == 200, answer.body
+        assert answer.body["stored"] == 3
+    assert time.monotonic() - started < SHORT_DEADLINES.body_timeout, "answered too late"
+
+    for reader, writer in bodies:
+        answer = await asyncio.wait_for(reader.read(), SHORT_DEADLINES.body_timeout + 5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert b'{"error":"the body did not arrive within 1.5 s"}' in answer
+        writer.close()
+    for reader, writer in headers:
+        assert await asyncio.wait_for(reader.read(), SHORT_DEADLINES.header_timeout + 5) == b""
+        writer.close()
+    reasons = await rejection_reasons(session, hurried)
+    assert reasons == {"body_timeout": 40}
+    await hurried.close()
+    assert len(stored(hurried.data, "open")) == 3
+
+
+async def test_one_streams_slow_bodies_cannot_starve_another_stream(
+    tmp_path: Path, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies still arriving may hold 4 MiB here, one stream 3 MiB of it: once senders that
+    stall with 1 MiB sent each hold the stream's share, it gets 503 (retry) for another half
+    MiB, while the other stream is still served a half-MiB body."""
+    monkeypatch.setattr(receive, "MAX_READING_BYTES", 4 << 20)
+    resources = tmp_path / "resources"
+    write_yaml(resources / "streams.yaml", stream_doc("open"), stream_doc("copy"))
+    half_mib = b" " * (512 << 10)
+    async with running_receiver(resources, tmp_path / "data") as running:
+        stalled = [
+            await raw_connection(running, slow_post("open", 2 << 20, b" " * (1 << 20)))
+            for _ in range(3)
+        ]
+        await asyncio.sleep(0.3)
+        answer = await post(session, running.url + "/api/v1/logstream/open", half_mib + b"[]")
+        assert answer.status == 503, answer.body
+        assert answer.headers["Retry-After"] == RETRY_HEADERS["Retry-After"]
+        events = synthetic_events("c", 2)
+        answer = await post(
+            session, running.url + "/api/v1/logstream/copy", half_mib + orjson.dumps(events)
+        )
+        assert answer.status == 200, answer.body
+        for _, writer in stalled:
+            writer.close()
+    assert canonical(stored(running.data, "copy")) == canonical(events)
+
+
+async def test_a_malformed_chunked_request_logs_a_short_reason_not_its_bytes(
+    server: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    reader, writer = await raw_connection(
+        server,
+        b"POST /api/v1/logstream/open HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"10\r\n" + b"SECRET-PAYLOAD!!" + b"A" * 120_000,
+    )
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") or answer.startswith(b"HTTP/1.0 400 ")
+    logged = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert "SECRET-PAYLOAD" not in logged and "AAAA" not in logged
+    assert len(logged) < 1000, logged[:300]
+    (record,) = [r for r in caplog.records if "malformed HTTP request" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert record.exc_info is None
+    assert "chunk" in record.getMessage()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+# -- who may read status and metrics ------------------------------------------------------------
+
+
+STATUS_TOKEN = "status-t0ken"
+
+
+async def test_status_and_metrics_need_the_status_token_and_probes_do_not(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    resources = tmp_path / "resources"
+    write_yaml(resources / "streams.yaml", stream_doc("open"))
+    write_yaml(resources / "alert.yaml", alert_doc("lists", "open", LIST_RULE, None))
+    options = ReceiverOptions(status_token=STATUS_TOKEN)
+    async with running_receiver(resources, tmp_path / "data", options=options) as running:
+        await post(session, running.url + "/api/v1/logstream/open", synthetic_events("s", 1))
+        for path in ("/api/v1/status", "/metrics"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, basic_auth("a", "b")):
+                async with session.get(running.url + path, headers=headers) as response:
+                    assert response.status == 401
+                    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+                    assert "status token" in (await response.json())["error"]
+                    assert "tester" not in await response.text()
+            bearer = {"Authorization": f"Bearer {STATUS_TOKEN}"}
+            async with session.get(running.url + path, headers=bearer) as response:
+                assert response.status == 200
+        for probe in ("/api/v1/liveness", "/api/v1/readiness"):
+            async with session.get(running.url + probe) as response:
+                assert response.status == 200
+
+        # `auditwatch status` passes the token from its flag or the environment.
+        cli = CliRunner()
+        args = ["status", "--server", running.url]
+        refused = await asyncio.to_thread(
+            cli.invoke, main, args, env={"AUDITWATCH_STATUS_TOKEN": ""}
+        )
+        assert refused.exit_code == 1 and "401" in refused.output
+        shown = await asyncio.to_thread(
+            cli.invoke, main, args, env={"AUDITWATCH_STATUS_TOKEN": STATUS_TOKEN}
+        )
+        assert shown.exit_code == 0, shown.output
+        assert "lists" in shown.output and "open" in shown.output
+        shown = await asyncio.to_thread(cli.invoke, main, [*args, "--token", STATUS_TOKEN])
+        assert shown.exit_code == 0, shown.output
+
+
+def own_network_address() -> str:
+    """An address of this host other than loopback (the one its default route leaves from)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: nothing is sent
+            address: str = probe.getsockname()[0]
+        except OSError:
+            address = ""
+    if not address or ipaddress.ip_address(address).is_loopback:
+        pytest.skip("this host has no network address besides loopback")
+    return address
+
+
+async def test_without_a_token_status_and_metrics_answer_loopback_clients_only(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    resources = tmp_path / "resources"
+    write_yaml(resources / "streams.yaml", stream_doc("open"))
+    address = own_network_address()
+    async with running_receiver(resources, tmp_path / "data", host="0.0.0.0") as running:
+        port = running.url.rsplit(":", 1)[1]
+        for path in ("/api/v1/status", "/metrics"):
+            async with session.get(f"http://{address}:{port}{path}") as response:
+                assert response.status == 403
+                assert "--status-token" in (await response.json())["error"]
+            async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+                assert response.status == 200
+        for probe in ("/api/v1/liveness", "/api/v1/readiness"):
+            async with session.get(f"http://{address}:{port}{probe}") as response:
+                assert response.status == 200
+        answer = await post(
+            session, f"http://{address}:{port}/api/v1/logstream/open", synthetic_events("n", 1)
+        )
+        assert answer.status == 200, answer.body

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,51 @@ DECODE_WORKERS = click.option(
     show_default=True,
     help="Processes that decode request bodies (0: threads of the main process).",
 )
+
+
+STATUS_TOKEN_ENV = "AUDITWATCH_STATUS_TOKEN"
+
+
+def receiver_flags(command: Callable[..., None]) -> Callable[..., None]:
+    """The receiver's deadlines and status token, for `serve` and `run` (each also from the
+    environment, so the token need not appear in the process's arguments)."""
+    for option in reversed(
+        [
+            click.option(
+                "--header-timeout",
+                default=60.0,
+                type=click.FloatRange(min=0, min_open=True),
+                envvar="AUDITWATCH_HEADER_TIMEOUT",
+                show_default=True,
+                help="Seconds a connection has to send a request's headers (also the idle "
+                "keep-alive time).",
+            ),
+            click.option(
+                "--body-timeout",
+                default=60.0,
+                type=click.FloatRange(min=0, min_open=True),
+                envvar="AUDITWATCH_BODY_TIMEOUT",
+                show_default=True,
+                help="Seconds a request has to send its whole body (408 past that).",
+            ),
+            click.option(
+                "--status-token",
+                default=None,
+                envvar=STATUS_TOKEN_ENV,
+                help="Bearer token for GET /api/v1/status and /metrics (default: "
+                f"${STATUS_TOKEN_ENV}; without one they answer loopback clients only).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def receiver_options(header_timeout: float, body_timeout: float, status_token: str | None) -> Any:
+    """The ReceiverOptions of the flags above (an empty token counts as none)."""
+    from auditwatch.receive import ReceiverOptions
+
+    return ReceiverOptions(header_timeout, body_timeout, status_token or None)
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -117,17 +163,36 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
 @DECODE_WORKERS
+@receiver_flags
 @click.option("--log-level", default="info", show_default=True)
 def serve(
-    resources: Path, data: Path, host: str, port: int, decode_workers: int, log_level: str
+    resources: Path,
+    data: Path,
+    host: str,
+    port: int,
+    decode_workers: int,
+    header_timeout: float,
+    body_timeout: float,
+    status_token: str | None,
+    log_level: str,
 ) -> None:
     """Standalone: receive, store and alert with resources from YAML files, no cluster."""
     from auditwatch.serve import serve as run_serve
     from auditwatch.store import StoreLocked
 
     setup_logging(log_level)
+    options = receiver_options(header_timeout, body_timeout, status_token)
     try:
-        asyncio.run(run_serve(resources, data, host=host, port=port, decode_workers=decode_workers))
+        asyncio.run(
+            run_serve(
+                resources,
+                data,
+                host=host,
+                port=port,
+                decode_workers=decode_workers,
+                options=options,
+            )
+        )
     except StoreLocked as error:
         fail(str(error))
     except OSError as error:  # the port is taken, the data directory cannot be created, ...
@@ -140,6 +205,7 @@ def serve(
 @click.option("--port", default=8000, type=int, show_default=True)
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
 @DECODE_WORKERS
+@receiver_flags
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -147,6 +213,9 @@ def run(
     port: int,
     namespaces: tuple[str, ...],
     decode_workers: int,
+    header_timeout: float,
+    body_timeout: float,
+    status_token: str | None,
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
@@ -161,6 +230,7 @@ def run(
                 port=port,
                 namespaces=list(namespaces),
                 decode_workers=decode_workers,
+                receiver_options=receiver_options(header_timeout, body_timeout, status_token),
             )
         )
     except LeadershipLost as error:  # the Deployment restarts this replica as a standby
@@ -279,12 +349,18 @@ def convert(file: Path, stream: str, namespace: str | None) -> None:
 @main.command()
 @click.option("--server", default="http://127.0.0.1:8000", show_default=True)
 @click.option("--streams", is_flag=True, help="Show streams instead of alerts.")
-def status(server: str, streams: bool) -> None:
+@click.option(
+    "--token",
+    default=None,
+    envvar=STATUS_TOKEN_ENV,
+    help=f"The server's status token (default: ${STATUS_TOKEN_ENV}).",
+)
+def status(server: str, streams: bool, token: str | None) -> None:
     """The table `kubectl get auditalerts` would show, from a running auditwatch."""
     from auditwatch.status_table import StatusUnavailable, alerts_table, fetch_status, streams_table
 
     try:
-        current = asyncio.run(fetch_status(server))
+        current = asyncio.run(fetch_status(server, token or None))
     except StatusUnavailable as error:
         fail(str(error))
     now = datetime.now(UTC)

@@ -6,23 +6,31 @@ that body is kept), 503 with Retry-After when it might (the apiserver and Vector
 
 A replica that does not keep events itself (a follower of the leader replica) forwards ingest
 requests to the receiver that does, body as received, and answers with that receiver's answer.
+
+Senders it cannot trust to be quick or honest get bounded costs: deadlines on a request's headers
+and body, a processing slot only for a body that has fully arrived, a share of the slots and of
+the bytes being read per stream, and status and metrics only for clients holding the status
+token (or, without one, on the loopback interface).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import aiohttp
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from auditwatch.columnar import batch_from_json
 from auditwatch.config.model import IngestAuth, StreamSpec
@@ -61,6 +69,88 @@ FORWARDED_ANSWER_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate")
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
 """Connecting fails fast (the leader is gone: 503, retry); a busy leader may take its time."""
 
+MAX_IN_FLIGHT = 32
+"""Batches whose body has arrived, decoding, storing or waiting to: past this, senders are told
+to retry (bounded memory: each holds a body and then its table)."""
+MAX_READING_BYTES = 512 << 20
+"""Bytes of bodies still arriving, over all requests: the memory that senders who are slow to
+finish a body can make the receiver hold."""
+STREAM_SHARE = 0.75
+"""The part of both limits one stream's requests may hold, so that the senders of one stream
+(slow, hostile or just busy) always leave room for the others."""
+CREDENTIALS_REFUSED = "no such stream, or wrong credentials for it"
+CREDENTIALS_MISSING = "no such stream, or credentials required"
+"""The answers to an unknown stream and to a known one without valid credentials are the same,
+so that stream names cannot be found by probing."""
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="auditwatch", Bearer realm="auditwatch"'}
+"""Every 401 offers both schemes: which one a stream takes is not revealed either."""
+
+http_logger = logging.getLogger("auditwatch.receive.http")
+"""aiohttp's connection-level log (malformed requests): see `ShortParserErrors`."""
+
+
+@dataclass(frozen=True)
+class ReceiverOptions:
+    """What an operator tunes of the receiver (flags and environment of `serve` and `run`)."""
+
+    header_timeout: float = 60.0
+    """Seconds a connection has to send a request's headers, from its opening or from the
+    previous answer (an idle keep-alive connection is closed after this too)."""
+    body_timeout: float = 60.0
+    """Seconds a request has to send its whole body once its headers are in: 408 past that."""
+    status_token: str | None = None
+    """Bearer token that `GET /api/v1/status` and `/metrics` require; None: they answer only
+    clients on the loopback interface."""
+
+
+class ShortParserErrors(logging.Filter):
+    """Turns aiohttp's record of a request its HTTP parser refused (an ERROR with a traceback
+    whose message quotes the raw bytes, up to the whole buffer: a malformed chunked body logged
+    ~120 KiB each) into one WARNING line with the reason only. The sender gets its 400 anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            reason = str(error.message).strip().splitlines()[0].rstrip(":")[:120]
+            record.msg = "refused a malformed HTTP request from %s: %s"
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.args = (remote, reason)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno = logging.WARNING
+            record.levelname = logging.getLevelName(logging.WARNING)
+        return True
+
+
+http_logger.addFilter(ShortParserErrors())
+
+
+class Shares:
+    """Amounts of a limited resource held per stream: at most `total` in all, and one stream
+    at most `STREAM_SHARE` of it."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.per_stream = max(1, int(total * STREAM_SHARE))
+        self.used = 0
+        self.by_stream: dict[str, int] = {}
+
+    def take(self, stream: str, amount: int) -> bool:
+        held = self.by_stream.get(stream, 0)
+        if self.used + amount > self.total or held + amount > self.per_stream:
+            return False
+        self.used += amount
+        self.by_stream[stream] = held + amount
+        return True
+
+    def give(self, stream: str, amount: int) -> None:
+        self.used -= amount
+        held = self.by_stream[stream] - amount
+        if held:
+            self.by_stream[stream] = held
+        else:
+            del self.by_stream[stream]
+
 
 class Ingestor(Protocol):
     """What the receiver needs from the engine."""
@@ -91,6 +181,16 @@ class Rejected(Exception):
         self.headers = headers or {}
 
 
+async def close_after(request: web.Request, response: web.StreamResponse) -> None:
+    """Send `response` now and close the connection: its sender stopped sending mid-body, and
+    aiohttp would otherwise keep reading what it may still send for a while."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
+
+
 def json_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> web.Response:
@@ -99,42 +199,85 @@ def json_response(
     )
 
 
+def presented_credentials(header: str | None) -> tuple[str, str]:
+    """The scheme (lower case) and credentials of an Authorization header; Rejected 401 if it
+    carries none (absent, a scheme alone, malformed Basic)."""
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if not credentials:
+        raise Rejected(401, "unauthenticated", CREDENTIALS_MISSING, CHALLENGE)
+    if scheme == "basic" and parse_basic(credentials) is None:
+        raise Rejected(401, "unauthenticated", CREDENTIALS_MISSING, CHALLENGE)
+    return scheme, credentials
+
+
 def check_auth(auth: IngestAuth | None, header: str | None) -> None:
-    """Raise Rejected unless the Authorization header carries the stream's credentials."""
+    """Raise Rejected unless the Authorization header carries the stream's credentials: 401
+    without credentials, 403 with others."""
     if auth is None:
         return
-    scheme_name = "Bearer" if auth.bearer_token is not None else "Basic"
-    challenge = {"WWW-Authenticate": f'{scheme_name} realm="auditwatch"'}
-    if not header:
-        raise Rejected(401, "unauthenticated", "credentials required", challenge)
-    scheme, _, credentials = header.partition(" ")
-    scheme = scheme.lower()
+    scheme, credentials = presented_credentials(header)
     if auth.bearer_token is not None and scheme == "bearer":
-        if hmac.compare_digest(credentials.strip().encode(), auth.bearer_token.encode()):
+        if hmac.compare_digest(credentials.encode(), auth.bearer_token.encode()):
             return
     elif auth.username is not None and scheme == "basic":
-        parsed = parse_basic(credentials)
-        if parsed is None:
-            raise Rejected(401, "unauthenticated", "malformed basic credentials", challenge)
-        user, password = parsed
+        user, password = parse_basic(credentials) or ("", "")
         user_ok = hmac.compare_digest(user.encode(), auth.username.encode())
         password_ok = hmac.compare_digest(password.encode(), (auth.password or "").encode())
         if user_ok and password_ok:
             return
-    raise Rejected(403, "forbidden", "wrong credentials for this stream")
+    raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+def refuse_unknown_stream(header: str | None) -> NoReturn:
+    """Answer a request for a stream that does not exist as one with credentials it does not
+    take: 401 without credentials, 403 with any. The metric's reason stays `unknown_stream`."""
+    try:
+        presented_credentials(header)
+    except Rejected as rejected:
+        raise Rejected(rejected.status, "unknown_stream", rejected.message, CHALLENGE) from None
+    raise Rejected(403, "unknown_stream", CREDENTIALS_REFUSED)
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a peer address is on this host's loopback interface (IPv4-mapped too)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool((mapped or ip).is_loopback)
+
+
+async def read_body(
+    request: web.Request, stream: StreamSpec, deadline: float, reading: Shares
+) -> bytes:
+    """The request body, refused with 413 as soon as it passes the stream's limit, 408 unless it
+    has all arrived within `deadline` seconds, and 503 while the stream's senders already have
+    their share of `reading` (bytes of bodies still arriving)."""
+    limit = stream.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise Rejected(413, "too_large", f"body of {request.content_length} bytes exceeds {limit}")
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():  # as received: no re-slicing copies
-        size += len(chunk)
-        if size > limit:
-            raise Rejected(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    held = 0
+    try:
+        async with asyncio.timeout(deadline):
+            async for chunk in request.content.iter_any():  # as received: no re-slicing copies
+                if held + len(chunk) > limit:
+                    raise Rejected(413, "too_large", f"body exceeds {limit} bytes")
+                if not reading.take(stream.name, len(chunk)):
+                    raise Rejected(
+                        503, "busy", "too many bodies arriving; retry later", RETRY_HEADERS
+                    )
+                held += len(chunk)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Rejected(
+            408, "body_timeout", f"the body did not arrive within {deadline:g} s"
+        ) from None
+    finally:
+        if held:
+            reading.give(stream.name, held)
     return b"".join(chunks)
 
 
@@ -240,16 +383,19 @@ class Receiver:
         engine: Ingestor,
         *,
         decode_workers: int = 0,
-        max_in_flight: int = 32,
         max_processing: int = 8,
         forward_to: Callable[[], str | None] | None = None,
+        options: ReceiverOptions | None = None,
     ) -> None:
         self.engine = engine
         self.forward_to = forward_to
+        self.options = options or ReceiverOptions()
         self._client: aiohttp.ClientSession | None = None
         self.decoder = Decoder(decode_workers)
-        # Requests being read or processed; past this, senders are told to retry (bounded memory).
-        self.in_flight = asyncio.Semaphore(max_in_flight)
+        self.in_flight = Shares(MAX_IN_FLIGHT)
+        self.reading = Shares(MAX_READING_BYTES)
+        # Requests forwarded to the leader at once (a follower keeps no batches itself).
+        self.forwarding = asyncio.Semaphore(MAX_IN_FLIGHT)
         # Batches being decoded and stored at once: enough that decoding workers do not wait
         # while other batches are being stored or answered (each holds a body and its table).
         self.processing = asyncio.Semaphore(max_processing)
@@ -291,19 +437,17 @@ class Receiver:
             if not name:
                 raise Rejected(400, "no_stream", "missing X-P-Stream header naming the stream")
             stream = self.engine.stream(name)
+            authorization = request.headers.get("Authorization")
             if stream is None:
-                raise Rejected(404, "unknown_stream", f"no AuditStream named {name!r}")
+                refuse_unknown_stream(authorization)
             label = name
-            check_auth(stream.auth, request.headers.get("Authorization"))
-            if self.in_flight.locked():
+            check_auth(stream.auth, authorization)
+            body = await read_body(request, stream, self.options.body_timeout, self.reading)
+            if not self.in_flight.take(name, 1):
                 raise Rejected(
-                    503,
-                    "busy",
-                    "too many batches in progress; retry later",
-                    RETRY_HEADERS,
+                    503, "busy", "too many batches in progress; retry later", RETRY_HEADERS
                 )
-            async with self.in_flight:
-                body = await read_body(request, stream.max_body_bytes)
+            try:
                 async with self.processing:
                     batch = await self.decoder.prepare(
                         body,
@@ -317,12 +461,17 @@ class Receiver:
                         raise Rejected(
                             503, "storage_unavailable", str(error), RETRY_HEADERS
                         ) from None
+            finally:
+                self.in_flight.give(name, 1)
         except Rejected as rejected:
             metrics.requests_rejected.labels(label, rejected.reason).inc()
             metrics.request_seconds.labels(str(rejected.status)).observe(
                 time.perf_counter() - started
             )
-            return json_response(rejected.status, {"error": rejected.message}, rejected.headers)
+            response = json_response(rejected.status, {"error": rejected.message}, rejected.headers)
+            if rejected.status == 408:
+                await close_after(request, response)
+            return response
         metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
         return json_response(200, result)
 
@@ -337,7 +486,7 @@ class Receiver:
                 "retry later",
                 RETRY_HEADERS,
             )
-        if self.in_flight.locked():
+        if self.forwarding.locked():
             raise Rejected(503, "busy", "too many batches in progress; retry later", RETRY_HEADERS)
         headers = {
             name: request.headers[name]
@@ -348,7 +497,7 @@ class Receiver:
         if self._client is None:
             # No decompression: answers pass through as the leader sent them.
             self._client = aiohttp.ClientSession(timeout=FORWARD_TIMEOUT, auto_decompress=False)
-        async with self.in_flight:
+        async with self.forwarding:
             try:
                 async with self._client.post(
                     leader.rstrip("/") + str(request.rel_url),
@@ -381,6 +530,40 @@ class Receiver:
             await self._client.close()
             self._client = None
 
+    def runner(self, **kwargs: Any) -> web.AppRunner:
+        """An AppRunner serving this receiver, with its header deadline and its log."""
+        return web.AppRunner(
+            self.app,
+            access_log=None,
+            keepalive_timeout=self.options.header_timeout,
+            logger=http_logger,
+            **kwargs,
+        )
+
+    def refuse_observer(self, request: web.Request) -> web.Response | None:
+        """The refusal for a client that may not read status and metrics (they name alerts,
+        streams and the last match's user and resource), None for one that may: with the
+        status token, or, when the server has none, from the loopback interface."""
+        token = self.options.status_token
+        if token is None:
+            if is_loopback(request.remote):
+                return None
+            message = (
+                "status and metrics answer only loopback clients unless the server is given "
+                "a status token (--status-token)"
+            )
+            return json_response(403, {"error": message})
+        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            presented.strip().encode(), token.encode()
+        ):
+            return None
+        return json_response(
+            401,
+            {"error": "status and metrics need the status token as a bearer token"},
+            {"WWW-Authenticate": 'Bearer realm="auditwatch"'},
+        )
+
     async def liveness(self, request: web.Request) -> web.Response:
         return json_response(200, {"status": "alive"})
 
@@ -389,9 +572,13 @@ class Receiver:
         return json_response(200 if ready else 503, {"ready": ready, "reason": reason})
 
     async def status(self, request: web.Request) -> web.Response:
+        if (refusal := self.refuse_observer(request)) is not None:
+            return refusal
         return json_response(200, self.engine.status())
 
     async def metrics(self, request: web.Request) -> web.Response:
+        if (refusal := self.refuse_observer(request)) is not None:
+            return refusal
         return web.Response(
             body=self.engine.metrics.exposition(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},

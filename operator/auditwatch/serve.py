@@ -18,7 +18,7 @@ from aiohttp import web
 
 from auditwatch.config.files import ConfigSet, DirectorySource
 from auditwatch.engine import Engine
-from auditwatch.receive import Receiver
+from auditwatch.receive import Receiver, ReceiverOptions
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,15 @@ def apply_config_set(engine: Engine, config: ConfigSet) -> None:
 
 
 async def start_receiver(
-    engine: Engine, host: str, port: int, *, decode_workers: int = 0
+    engine: Engine,
+    host: str,
+    port: int,
+    *,
+    decode_workers: int = 0,
+    options: ReceiverOptions | None = None,
 ) -> web.AppRunner:
     """The receiver listening on host:port (port 0: any free port; see runner.addresses)."""
-    runner = web.AppRunner(Receiver(engine, decode_workers=decode_workers).app, access_log=None)
+    runner = Receiver(engine, decode_workers=decode_workers, options=options).runner()
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -63,6 +68,7 @@ async def serve(
     host: str = "0.0.0.0",
     port: int = 8000,
     decode_workers: int = 0,
+    options: ReceiverOptions | None = None,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
 ) -> None:
@@ -80,7 +86,9 @@ async def serve(
     engine = Engine(data)
     try:
         apply_config_set(engine, source.reload())
-        runner = await start_receiver(engine, host, port, decode_workers=decode_workers)
+        runner = await start_receiver(
+            engine, host, port, decode_workers=decode_workers, options=options
+        )
     except BaseException:
         await engine.close()
         raise

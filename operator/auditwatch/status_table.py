@@ -7,17 +7,21 @@ from typing import Any
 
 import aiohttp
 
+from auditwatch.credentials import bearer_authorization
+
 
 class StatusUnavailable(Exception):
     """The server could not be reached or did not answer with a status."""
 
 
-async def fetch_status(server: str) -> dict[str, Any]:
+async def fetch_status(server: str, token: str | None = None) -> dict[str, Any]:
+    """The server's /api/v1/status; `token`: its status token, if it has one."""
     url = server.rstrip("/") + "/api/v1/status"
+    headers = {} if token is None else {"Authorization": bearer_authorization(token)}
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-            session.get(url) as response,
+            session.get(url, headers=headers) as response,
         ):
             if response.status != 200:
                 raise StatusUnavailable(f"{url} answered {response.status}")

@@ -36,7 +36,7 @@ from auditwatch.kube.source import KubeConfig, KubeSource
 from auditwatch.kube.writer import StatusWriter
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
-from auditwatch.receive import RETRY_HEADERS, Receiver, Rejected
+from auditwatch.receive import RETRY_HEADERS, Receiver, ReceiverOptions, Rejected
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ async def run_operator(
     port: int,
     namespaces: list[str],
     decode_workers: int = 0,
+    receiver_options: ReceiverOptions | None = None,
     options: OperatorOptions | None = None,
     stop: asyncio.Event | None = None,
     started: asyncio.Future[Running] | None = None,
@@ -164,11 +165,12 @@ async def run_operator(
             loop.add_signal_handler(signum, stop.set)
     namespace = options.namespace or default_namespace()
     ingestor = ReplicaIngestor()
-    runner = web.AppRunner(
-        Receiver(ingestor, decode_workers=decode_workers, forward_to=ingestor.forward_to).app,
-        access_log=None,
-        shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS,
-    )
+    runner = Receiver(
+        ingestor,
+        decode_workers=decode_workers,
+        forward_to=ingestor.forward_to,
+        options=receiver_options,
+    ).runner(shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     logger.info("receiving on http://%s:%d", host, port)
