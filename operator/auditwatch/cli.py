@@ -12,12 +12,15 @@ import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
 from auditwatch import __version__
+
+if TYPE_CHECKING:
+    from auditwatch.notify.egress import EgressPolicy
 
 ExistingFile = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -33,6 +36,37 @@ DECODE_WORKERS = click.option(
     show_default=True,
     help="Processes that decode request bodies (0: threads of the main process).",
 )
+
+
+EGRESS_ALLOW = click.option(
+    "--egress-allow",
+    multiple=True,
+    metavar="CIDR",
+    envvar="AUDITWATCH_EGRESS_ALLOW",
+    help="Networks notifications may go to (repeat, or comma-separated in "
+    "$AUDITWATCH_EGRESS_ALLOW); default: every network not denied.",
+)
+EGRESS_DENY = click.option(
+    "--egress-deny",
+    multiple=True,
+    metavar="CIDR",
+    envvar="AUDITWATCH_EGRESS_DENY",
+    help="Networks notifications may never go to, besides link-local and cloud metadata "
+    "addresses and, in a pod, the pod itself ($AUDITWATCH_POD_IP, loopback). "
+    "The most specific network wins.",
+)
+
+
+def egress_policy(allow: tuple[str, ...], deny: tuple[str, ...]) -> EgressPolicy:
+    """The EgressPolicy of the flags and the pod's IP (a bad network exits 2)."""
+    from auditwatch.notify.egress import EgressPolicy
+
+    try:
+        policy = EgressPolicy.build(allow, deny, os.environ.get("AUDITWATCH_POD_IP"))
+    except ValueError as error:
+        raise click.UsageError(f"egress policy: {error}") from None
+    logging.getLogger("auditwatch.notify").info("%s", policy.describe())
+    return policy
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -117,17 +151,31 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
 @DECODE_WORKERS
+@EGRESS_ALLOW
+@EGRESS_DENY
 @click.option("--log-level", default="info", show_default=True)
 def serve(
-    resources: Path, data: Path, host: str, port: int, decode_workers: int, log_level: str
+    resources: Path,
+    data: Path,
+    host: str,
+    port: int,
+    decode_workers: int,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
+    log_level: str,
 ) -> None:
     """Standalone: receive, store and alert with resources from YAML files, no cluster."""
     from auditwatch.serve import serve as run_serve
     from auditwatch.store import StoreLocked
 
     setup_logging(log_level)
+    egress = egress_policy(egress_allow, egress_deny)
     try:
-        asyncio.run(run_serve(resources, data, host=host, port=port, decode_workers=decode_workers))
+        asyncio.run(
+            run_serve(
+                resources, data, host=host, port=port, decode_workers=decode_workers, egress=egress
+            )
+        )
     except StoreLocked as error:
         fail(str(error))
     except OSError as error:  # the port is taken, the data directory cannot be created, ...
@@ -140,6 +188,8 @@ def serve(
 @click.option("--port", default=8000, type=int, show_default=True)
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
 @DECODE_WORKERS
+@EGRESS_ALLOW
+@EGRESS_DENY
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -147,12 +197,15 @@ def run(
     port: int,
     namespaces: tuple[str, ...],
     decode_workers: int,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
-    from auditwatch.kube.operator import LeadershipLost, run_operator
+    from auditwatch.kube.operator import LeadershipLost, OperatorOptions, run_operator
 
     setup_logging(log_level)
+    egress = egress_policy(egress_allow, egress_deny)
     try:
         asyncio.run(
             run_operator(
@@ -161,6 +214,7 @@ def run(
                 port=port,
                 namespaces=list(namespaces),
                 decode_workers=decode_workers,
+                options=OperatorOptions(egress=egress),
             )
         )
     except LeadershipLost as error:  # the Deployment restarts this replica as a standby
