@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from tests.e2e_support import (
     eventually,
     free_port,
@@ -31,6 +32,7 @@ from tests.e2e_support import (
     write_yaml,
 )
 
+from auditwatch.cli import main
 from auditwatch.config.build import build_alert
 from auditwatch.config.model import ConfigError
 from auditwatch.notify import Notifier
@@ -298,3 +300,13 @@ async def test_standalone_status_logs_and_metrics_never_show_target_secrets(
     assert 'target="slack-0"' in metrics and 'target="webhook-2"' in metrics
     for shown in (status, metrics, caplog.text):
         assert TOKEN not in shown and PASSWORD not in shown
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_a_bad_network_stops_the_command_with_a_clear_message(command: str, tmp_path: Path) -> None:
+    args = [command, "--data", str(tmp_path / "data")]
+    args += ["--resources", str(tmp_path)] if command == "serve" else []
+    result = CliRunner().invoke(main, args, env={"AUDITWATCH_EGRESS_DENY": "10.0.0.0/8,10.1.2.3/8"})
+    assert result.exit_code == 2
+    assert "egress policy: 10.1.2.3/8 has host bits set" in result.output
+    assert not (tmp_path / "data").exists()  # refused before anything started
