@@ -13,12 +13,15 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
 
 from auditwatch import __version__
+
+if TYPE_CHECKING:
+    from auditwatch.notify.egress import EgressPolicy
 
 ExistingFile = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -79,6 +82,37 @@ def receiver_options(header_timeout: float, body_timeout: float, status_token: s
     from auditwatch.receive import ReceiverOptions
 
     return ReceiverOptions(header_timeout, body_timeout, status_token or None)
+
+
+EGRESS_ALLOW = click.option(
+    "--egress-allow",
+    multiple=True,
+    metavar="CIDR",
+    envvar="AUDITWATCH_EGRESS_ALLOW",
+    help="Networks notifications may go to (repeat, or comma-separated in "
+    "$AUDITWATCH_EGRESS_ALLOW); default: every network not denied.",
+)
+EGRESS_DENY = click.option(
+    "--egress-deny",
+    multiple=True,
+    metavar="CIDR",
+    envvar="AUDITWATCH_EGRESS_DENY",
+    help="Networks notifications may never go to, besides link-local and cloud metadata "
+    "addresses and, in a pod, the pod itself ($AUDITWATCH_POD_IP, loopback). "
+    "The most specific network wins.",
+)
+
+
+def egress_policy(allow: tuple[str, ...], deny: tuple[str, ...]) -> EgressPolicy:
+    """The EgressPolicy of the flags and the pod's IP (a bad network exits 2)."""
+    from auditwatch.notify.egress import EgressPolicy
+
+    try:
+        policy = EgressPolicy.build(allow, deny, os.environ.get("AUDITWATCH_POD_IP"))
+    except ValueError as error:
+        raise click.UsageError(f"egress policy: {error}") from None
+    logging.getLogger("auditwatch.notify").info("%s", policy.describe())
+    return policy
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -164,6 +198,8 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @click.option("--port", default=8000, type=int, show_default=True)
 @DECODE_WORKERS
 @receiver_flags
+@EGRESS_ALLOW
+@EGRESS_DENY
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     resources: Path,
@@ -174,6 +210,8 @@ def serve(
     header_timeout: float,
     body_timeout: float,
     status_token: str | None,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
     log_level: str,
 ) -> None:
     """Standalone: receive, store and alert with resources from YAML files, no cluster."""
@@ -182,6 +220,7 @@ def serve(
 
     setup_logging(log_level)
     options = receiver_options(header_timeout, body_timeout, status_token)
+    egress = egress_policy(egress_allow, egress_deny)
     try:
         asyncio.run(
             run_serve(
@@ -191,6 +230,7 @@ def serve(
                 port=port,
                 decode_workers=decode_workers,
                 options=options,
+                egress=egress,
             )
         )
     except StoreLocked as error:
@@ -206,6 +246,8 @@ def serve(
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
 @DECODE_WORKERS
 @receiver_flags
+@EGRESS_ALLOW
+@EGRESS_DENY
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -216,12 +258,15 @@ def run(
     header_timeout: float,
     body_timeout: float,
     status_token: str | None,
+    egress_allow: tuple[str, ...],
+    egress_deny: tuple[str, ...],
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
-    from auditwatch.kube.operator import LeadershipLost, run_operator
+    from auditwatch.kube.operator import LeadershipLost, OperatorOptions, run_operator
 
     setup_logging(log_level)
+    egress = egress_policy(egress_allow, egress_deny)
     try:
         asyncio.run(
             run_operator(
@@ -231,6 +276,7 @@ def run(
                 namespaces=list(namespaces),
                 decode_workers=decode_workers,
                 receiver_options=receiver_options(header_timeout, body_timeout, status_token),
+                options=OperatorOptions(egress=egress),
             )
         )
     except LeadershipLost as error:  # the Deployment restarts this replica as a standby

@@ -18,6 +18,8 @@ from aiohttp import web
 
 from auditwatch.config.files import ConfigSet, DirectorySource
 from auditwatch.engine import Engine
+from auditwatch.notify import Notifier
+from auditwatch.notify.egress import EgressPolicy
 from auditwatch.receive import Receiver, ReceiverOptions
 
 logger = logging.getLogger(__name__)
@@ -71,11 +73,13 @@ async def serve(
     options: ReceiverOptions | None = None,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    egress: EgressPolicy | None = None,
 ) -> None:
     """Run until SIGTERM / SIGINT (or `stop`), then drain deliveries and flush storage.
 
     `decode_workers` > 0 decodes request bodies in that many worker processes (see
-    `receive.Decoder`); 0 decodes in threads of this process.
+    `receive.Decoder`); 0 decodes in threads of this process. `egress`: where notifications may
+    go (default: `EgressPolicy()`).
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -83,7 +87,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     source = DirectorySource(resources)
-    engine = Engine(data)
+    engine = Engine(data, notifier=Notifier(egress=egress))
     try:
         apply_config_set(engine, source.reload())
         runner = await start_receiver(

@@ -54,6 +54,24 @@ _TARGET_FIELDS: dict[str, frozenset[str]] = {
 """The optional fields each target type uses, beyond name/endpoint/skipTlsCheck/timeout/repeat."""
 _TYPE_SPECIFIC_FIELDS = frozenset[str]().union(*_TARGET_FIELDS.values())
 
+RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "te",
+        "trailer",
+        "expect",
+        "proxy-connection",
+        "proxy-authorization",
+    }
+)
+"""Headers that decide where and how a request travels, not what it says: the HTTP client sets
+them, and a target's `headers` / `headersFrom` may not (InvalidSpec)."""
+
 
 def _checked(resource: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The resource with defaults applied, or InvalidSpec listing every schema problem."""
@@ -261,6 +279,11 @@ def _headers(
     for name, value in headers.items():
         if not re.fullmatch(schema.HEADER_NAME, name):
             raise ConfigError("InvalidSpec", f"{where}.headers: {name!r} is not a header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ConfigError(
+                "InvalidSpec",
+                f"{where}.headers: {name!r} is set by auditwatch itself and cannot be overridden",
+            )
         if "\n" in value or "\r" in value:
             raise ConfigError(
                 "InvalidSpec", f"{where}: the value of header {name!r} has a line break"

@@ -36,6 +36,8 @@ from auditwatch.kube.source import KubeConfig, KubeSource
 from auditwatch.kube.writer import StatusWriter
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
+from auditwatch.notify import Notifier
+from auditwatch.notify.egress import EgressPolicy
 from auditwatch.receive import RETRY_HEADERS, Receiver, ReceiverOptions, Rejected
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,8 @@ class OperatorOptions:
     advertise_url: str | None = None
     """The receiver's URL as other replicas reach it (forwarding); default: see receiver_url."""
     kopf_settings: kopf.OperatorSettings | None = None
+    egress: EgressPolicy | None = None
+    """Where notifications may go (default: `EgressPolicy()`)."""
 
 
 @dataclass
@@ -226,7 +230,7 @@ async def _lead(
     started: asyncio.Future[Running] | None,
 ) -> None:
     """Everything the leader does, from opening the store to flushing it."""
-    engine = Engine(data)
+    engine = Engine(data, notifier=Notifier(egress=options.egress))
     engine.metrics = ingestor.metrics
     writer: StatusWriter | None = None
 

@@ -5,24 +5,37 @@ Parseable ignores non-2xx answers and never retries; here transport errors, time
 4xx answers are final (the request itself is wrong: retrying cannot help) and are recorded so the
 user sees them in the alert's status. Notices to one target are delivered one after the other, so
 a resolve never overtakes the firing it ends.
+
+A target's URL may be a credential (a Slack webhook, `user:password@`) and its answer is under a
+tenant's control, so neither ever reaches status, logs or metrics: a target is named by its
+`name`, and a failure by a short reason of our own (`HTTP 500 Internal Server Error from target`,
+`connection refused`, `address 169.254.169.254 denied by egress policy`). Redirects are never
+followed (a 3xx is a final failure), and connections go only where the egress policy allows.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import random
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
+from yarl import URL
 
 from auditwatch.alerts import Notice
 from auditwatch.config.model import AlertSpec, TargetSpec
 from auditwatch.credentials import basic_authorization
+from auditwatch.notify.egress import EgressDenied, EgressPolicy, PolicyResolver
 from auditwatch.notify.payloads import (
     alertmanager_body,
     alertmanager_url,
@@ -31,8 +44,6 @@ from auditwatch.notify.payloads import (
 )
 
 logger = logging.getLogger(__name__)
-
-_ERROR_TEXT_LIMIT = 300
 
 
 @dataclass(frozen=True)
@@ -109,22 +120,25 @@ def _utcnow() -> datetime:
 class Notifier:
     """Delivers notices of any alert to its targets; one per process, shared by all alerts.
 
-    Use as `async with Notifier() as notifier:`, or pass an existing `session`.
+    Use as `async with Notifier() as notifier:`. Every connection goes through `egress` (the
+    defaults when not given); `resolver` replaces the system's name resolution (tests).
     """
 
     def __init__(
         self,
-        session: aiohttp.ClientSession | None = None,
         *,
         retry: RetryPolicy | None = None,
         generator_url: str | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        egress: EgressPolicy | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
-        self._session = session
-        self._owns_session = session is None
+        self._session: aiohttp.ClientSession | None = None
         self.retry = retry or RetryPolicy()
         self.generator_url = generator_url
         self.clock = clock
+        self.egress = egress or EgressPolicy()
+        self._resolver = resolver
         self._records: dict[tuple[str, str], DeliveryRecord] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -135,13 +149,16 @@ class Notifier:
         await self.close()
 
     async def close(self) -> None:
-        if self._owns_session and self._session is not None:
+        if self._session is not None:
             await self._session.close()
             self._session = None
 
     def _client(self) -> aiohttp.ClientSession:
+        """The session, created on first use: connections only to what the policy allows, and
+        no proxy from the environment (it would connect on our behalf, unchecked)."""
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(resolver=PolicyResolver(self.egress, self._resolver))
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=False)
         return self._session
 
     # -- records ----------------------------------------------------------------------------
@@ -218,9 +235,9 @@ class Notifier:
                 return True
 
     async def _send(self, spec: AlertSpec, target: TargetSpec, notice: Notice) -> None:
-        """One POST; raises DeliveryError with the target's answer on anything but 2xx."""
+        """One POST; raises DeliveryError with a reason of our own on anything but 2xx."""
         sent_at = self.clock()
-        url = target.endpoint
+        endpoint = target.endpoint
         headers: dict[str, str] = {}
         body: Any
         if target.type == "webhook":
@@ -230,36 +247,67 @@ class Notifier:
             body = slack_body(spec, notice)
         else:
             body = alertmanager_body(spec, notice, sent_at, self.generator_url)
-            url = alertmanager_url(target.endpoint)
+            endpoint = alertmanager_url(target.endpoint)
             headers.update(target.headers)
             if target.username is not None:
                 headers["Authorization"] = basic_authorization(
                     target.username, target.password or ""
                 )
+        seconds = target.timeout.total_seconds()
         try:
+            url = URL(endpoint)
+            self.egress.check_host(url.host)
             async with self._client().post(
                 url,
                 json=body,
                 headers=headers,
                 ssl=not target.skip_tls_check,
-                timeout=aiohttp.ClientTimeout(total=target.timeout.total_seconds()),
+                timeout=aiohttp.ClientTimeout(total=seconds),
+                allow_redirects=False,
             ) as response:
                 if 200 <= response.status < 300:
                     return
-                text = (await response.text(errors="replace")).strip()[:_ERROR_TEXT_LIMIT]
-                message = f"HTTP {response.status} from {url}" + (f": {text}" if text else "")
-                retryable = response.status >= 500 or response.status in (408, 429)
-                raise DeliveryError(
-                    message,
-                    retryable=retryable,
-                    retry_after=_retry_after(response.headers.get("Retry-After")),
-                )
+                raise _answer_error(response.status, response.headers.get("Retry-After"))
+        except EgressDenied as error:
+            raise DeliveryError(str(error), retryable=False) from None
         except TimeoutError:
-            raise DeliveryError(
-                f"no answer from {url} within {target.timeout.total_seconds():g} s",
-                retryable=True,
-            ) from None
-        except aiohttp.ClientError as err:
-            raise DeliveryError(
-                f"cannot reach {url}: {err.__class__.__name__}: {err}", retryable=True
-            ) from None
+            raise DeliveryError(f"no answer within {seconds:g} s", retryable=True) from None
+        except (aiohttp.ClientError, ValueError) as error:
+            raise DeliveryError(_failure_reason(error), retryable=True) from None
+
+
+def _answer_error(status: int, retry_after: str | None) -> DeliveryError:
+    """A non-2xx answer as our own words: its status code and phrase, never its body."""
+    try:
+        phrase = f" {HTTPStatus(status).phrase}"
+    except ValueError:
+        phrase = ""
+    message = f"HTTP {status}{phrase} from target"
+    if 300 <= status < 400:
+        return DeliveryError(f"{message} (redirects are not followed)", retryable=False)
+    return DeliveryError(
+        message,
+        retryable=status >= 500 or status in (408, 429),
+        retry_after=_retry_after(retry_after),
+    )
+
+
+def _failure_reason(error: Exception) -> str:
+    """Why a request got no answer, without the URL or host aiohttp puts in its messages."""
+    if isinstance(error, aiohttp.ClientConnectorCertificateError):
+        return "TLS certificate of the target not trusted"
+    if isinstance(error, aiohttp.ClientSSLError):
+        return "TLS handshake with the target failed"
+    if isinstance(error, aiohttp.ClientConnectorError):
+        if isinstance(error.os_error, socket.gaierror):
+            return "host name not resolved"
+        if error.os_error.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        if error.os_error.errno:
+            return f"cannot connect: {os.strerror(error.os_error.errno).lower()}"
+        return "cannot connect"
+    if isinstance(error, aiohttp.ServerDisconnectedError):
+        return "the target closed the connection without answering"
+    if isinstance(error, aiohttp.InvalidURL | ValueError):
+        return "the endpoint is not a valid URL"
+    return f"request failed ({error.__class__.__name__})"
