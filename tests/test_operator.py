@@ -667,3 +667,60 @@ async def test_operator_lifecycle_against_a_real_cluster(samples: Path, tmp_path
         await lifecycle(
             Cluster(api, namespace, namespace), samples, tmp_path / "data", options, None
         )
+
+
+async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is_exact(
+    fake_cluster: Cluster, samples: Path, tmp_path: Path
+) -> None:
+    """Issue #11 items 3 and 4: the stream's Secret and then the stream itself deleted and
+    re-created: the alert is Invalid meanwhile with its counts, last match and targets, and back
+    Firing with them, without a second Firing Event; lastMatch shows exactly the last match."""
+    cluster, ns, opns = fake_cluster, fake_cluster.namespace, fake_cluster.operator_namespace
+    stream, name = "kube-audit", "secret-read"
+    ingest_secret = secret(f"{stream}-ingest", opns, username="apiserver", password="one")
+    events = sample_events(samples, 1)
+    rule = 'objectRef.resource = "secrets"'
+    async with webhook_sink() as sink, aiohttp.ClientSession() as http:
+        await cluster.create(ingest_secret)
+        await cluster.create(secret(f"{name}-hook", ns, token="Bearer one"))
+        await cluster.create(stream_body(stream, opns))
+        await cluster.create(alert_body(name, ns, stream, rule, sink.url))
+        async with operator(tmp_path / "data", fast_options()) as (_running, url, _task):
+            auth = ("apiserver", "one")
+            assert (await post(http, url, stream, events, auth))[0] == 200
+            expected = count(rule, events)
+            firing = await cluster.wait_for(
+                "AuditAlert", name, lambda o: o.get("status", {}).get("targets"), ns
+            )
+            assert (firing["status"]["state"], firing["status"]["matches"]) == ("Firing", expected)
+
+            async def gone_and_back(kind: str, body: dict[str, Any], namespace: str | None) -> None:
+                await cluster.delete(kind, body["metadata"]["name"], namespace)
+                obj = await cluster.wait_for(
+                    "AuditAlert", name, lambda o: o["status"]["state"] == "Invalid", ns
+                )
+                for field_name in ("matches", "lastMatch", "lastMatchTime", "targets"):
+                    assert obj["status"][field_name] == firing["status"][field_name], field_name
+                assert "state Firing" in ready(obj)["message"]
+                await cluster.create(body)
+                obj = await cluster.wait_for(
+                    "AuditAlert", name, lambda o: o["status"]["state"] != "Invalid", ns
+                )
+                assert (obj["status"]["state"], obj["status"]["matches"]) == ("Firing", expected)
+
+            await gone_and_back("Secret", ingest_secret, opns)
+            await gone_and_back("AuditStream", stream_body(stream, opns), None)
+            await cluster.wait_for_event(name, ns, "Valid")
+            reasons = [e["reason"] for e in await cluster.events(name, ns)]
+            assert reasons.count("Firing") == 1, reasons
+
+            # A match without namespace and name (a cluster-wide list): none shown.
+            listing = dict(events[0], auditID=str(uuid.uuid4()), verb="list")
+            listing["objectRef"] = {"resource": "secrets", "apiVersion": "v1"}
+            assert (await post(http, url, stream, [listing], auth))[0] == 200
+            obj = await cluster.wait_for(
+                "AuditAlert", name, lambda o: o["status"]["matches"] == expected + 1, ns
+            )
+            assert firing["status"]["lastMatch"].get("namespace")
+            last = obj["status"]["lastMatch"]
+            assert last["verb"] == "list" and "namespace" not in last and "name" not in last

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pyarrow.compute as pc
 
-from auditwatch.alerts import AlertTracker, Notice, SnapshotError
+from auditwatch.alerts import AlertTracker, Notice, SnapshotError, kept_status
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
@@ -108,9 +108,14 @@ class Engine:
     ) -> None:
         """Put a complete configuration in force; alerts keep their state where their rule did.
 
-        An alert on a stream that is not defined becomes Invalid (StreamNotFound). Alerts not in
-        `alerts` any more stop matching at once and their saved state is dropped. `problems` are
-        configuration errors to show in the status (a file that does not parse, say).
+        An alert on a stream that is not defined becomes Invalid (StreamNotFound). An Invalid
+        alert stops matching but keeps its state, counts and delivery records (saved, so across a
+        restart too), and continues from them when it is usable again: a stream or Secret that is
+        briefly missing (deleted and re-created, or applied in another order) loses nothing.
+        While Invalid it sends nothing; a firing alert resolves normally once back. Alerts in
+        neither `alerts` nor `invalid` (deleted) stop matching at once and their state is
+        dropped. `problems` are configuration errors to show in the status (a file that does not
+        parse, say).
 
         The first call must carry the complete configuration: saved state of alerts absent from
         it (deleted while auditwatch was down) is dropped then.
@@ -132,6 +137,10 @@ class Engine:
                 continue
             live[key] = self._live_alert(key, spec)
         for key in set(self._alerts) - set(live):
+            if key in invalid:  # kept for its return, and shown in its Invalid status
+                self._saved[key] = self._alerts[key].tracker.snapshot()
+                self._dirty = True
+        for key in (set(self._alerts) | set(self._invalid)) - set(live) - set(invalid):
             self.notifier.forget(key)
             self._saved.pop(key, None)
             self._dirty = True
@@ -373,8 +382,8 @@ class Engine:
                 bad.name,
                 bad.stream,
                 bad.generation,
-                None,
-                {},
+                kept_status(self._saved.get(key)),
+                self.notifier.status(key),
                 ConfigError(bad.reason, bad.message),
                 self._conditions,
                 now,
