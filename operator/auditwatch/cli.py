@@ -193,13 +193,16 @@ def query(data: Path, stream: str, rule: str | None, since: str | None, until: s
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def lint(paths: tuple[Path, ...]) -> None:
     """Check AuditStream / AuditAlert YAML: schema (from crds/) and rule syntax."""
+    from auditwatch.lint import Tally
     from auditwatch.lint import lint as run_lint
 
-    problems = run_lint(list(paths))
+    tally = Tally()
+    problems = run_lint(list(paths), tally)
     for problem in problems:
         click.echo(problem)
     if problems:
         sys.exit(1)
+    click.echo(tally.summary())
 
 
 @main.command()

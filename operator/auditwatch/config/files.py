@@ -56,6 +56,11 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
+# YAML 1.1's `=` (the "value" type), which kubectl's YAML reader takes as the string "=":
+# `kubectl kustomize` prints `operator: =` unquoted.
+_Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
+
+
 class YamlFileError(Exception):
     """A file that cannot be read as YAML; the message says where (`line L, column C: ...`)."""
 
