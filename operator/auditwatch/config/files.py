@@ -58,7 +58,11 @@ _Loader.yaml_implicit_resolvers = {
 
 # YAML 1.1's `=` (the "value" type), which kubectl's YAML reader takes as the string "=":
 # `kubectl kustomize` prints `operator: =` unquoted.
-_Loader.add_constructor("tag:yaml.org,2002:value", yaml.SafeLoader.construct_yaml_str)
+def _value_as_string(loader: _Loader, node: yaml.Node) -> str:
+    return str(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", _value_as_string)
 
 
 class YamlFileError(Exception):
