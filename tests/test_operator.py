@@ -724,3 +724,54 @@ async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is
             assert firing["status"]["lastMatch"].get("namespace")
             last = obj["status"]["lastMatch"]
             assert last["verb"] == "list" and "namespace" not in last and "name" not in last
+
+
+async def test_a_leader_that_loses_the_lease_steps_down_and_leads_again_with_its_state(
+    fake_cluster: Cluster, kube_fake: KubeFake, samples: Path, tmp_path: Path
+) -> None:
+    """Issue #11 item 6: losing the Lease no longer ends the process: the replica steps down
+    (state saved, storage flushed, receiver up), and leads again once the Lease is free, with
+    the alert where it was."""
+    opns, ns = fake_cluster.operator_namespace, fake_cluster.namespace
+    await fake_cluster.create(secret("auditdemo-ingest", opns, username="u", password="p"))
+    await fake_cluster.create(secret("recon-hook", ns, token="Bearer one"))
+    await fake_cluster.create(stream_body("auditdemo", opns))
+    events = sample_events(samples, 1)
+    expected = count(FIRST_RULE, events)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        webhook_sink() as sink,
+    ):
+        await fake_cluster.create(alert_body("recon", ns, "auditdemo", FIRST_RULE, sink.url))
+        async with operator(tmp_path / "data", fast_options(identity="me")) as (_r, url, task):
+            assert (await post(http, url, "auditdemo", events, ("u", "p")))[0] == 200
+            await fake_cluster.wait_for(
+                "AuditAlert", "recon", lambda o: o.get("status", {}).get("state") == "Firing", ns
+            )
+
+            def take_lease(holder: str | None) -> None:
+                lease = kube_fake.store.get("leases", "auditwatch", opns)
+                lease["spec"]["holderIdentity"] = holder
+                lease["metadata"]["annotations"] = {}
+                kube_fake.store.replace("leases", "auditwatch", lease, opns)
+
+            take_lease("other")
+
+            async def standby() -> bool:
+                async with http.get(f"{url}/api/v1/readiness") as response:
+                    return "standby" in (await response.json())["reason"]
+
+            await until(standby, "the replica on standby")
+            assert not task.done(), "stepping down must not end the process"
+
+            take_lease(None)  # the other replica released it
+
+            async def leading() -> bool:
+                async with http.get(f"{url}/api/v1/readiness") as response:
+                    return response.status == 200 and (await response.json())["reason"] == "ok"
+
+            await until(leading, "the replica leading again")
+            async with http.get(f"{url}/api/v1/status") as response:
+                status = (await response.json())["alerts"][f"{ns}/recon"]
+            assert (status["state"], status["matches"]) == ("Firing", expected)
+            assert len(sink.received) == 1, "leading again is no new firing"

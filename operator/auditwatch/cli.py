@@ -150,21 +150,18 @@ def run(
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
-    from auditwatch.kube.operator import LeadershipLost, run_operator
+    from auditwatch.kube.operator import run_operator
 
     setup_logging(log_level)
-    try:
-        asyncio.run(
-            run_operator(
-                data,
-                host=host,
-                port=port,
-                namespaces=list(namespaces),
-                decode_workers=decode_workers,
-            )
+    asyncio.run(
+        run_operator(
+            data,
+            host=host,
+            port=port,
+            namespaces=list(namespaces),
+            decode_workers=decode_workers,
         )
-    except LeadershipLost as error:  # the Deployment restarts this replica as a standby
-        fail(f"leadership lost: {error}")
+    )
 
 
 @main.command()
