@@ -138,7 +138,15 @@ def serve(
 @click.option("--data", default=Path("/data"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
-@click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch AuditAlerts and Secrets of these only (default: all). The first is the "
+    "operator's namespace (its Lease, the stream Secrets, Events about streams) unless "
+    "$AUDITWATCH_NAMESPACE is set; without either, the kubeconfig's current context "
+    "namespace, else the pod's service account namespace, else default.",
+)
 @DECODE_WORKERS
 @click.option("--log-level", default="info", show_default=True)
 def run(

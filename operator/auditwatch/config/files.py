@@ -22,6 +22,7 @@ import yaml
 
 from auditwatch.config.build import (
     DEFAULT_NAMESPACE,
+    SecretMissing,
     build_alert,
     build_stream,
     check_stream,
@@ -235,7 +236,11 @@ def assemble(files: dict[Path, list[Any]], errors: list[ResourceError]) -> Confi
         errors.extend(secret_errors)
 
     def lookup(namespace: str | None, name: str, key: str) -> str | None:
-        return secrets.get(f"{namespace or DEFAULT_NAMESPACE}/{name}", {}).get(key)
+        namespace = namespace or DEFAULT_NAMESPACE
+        values = secrets.get(f"{namespace}/{name}")
+        if values is None or key not in values:
+            raise SecretMissing.of(namespace, name, key, values)
+        return values[key]
 
     streams: dict[str, StreamSpec] = {}
     for _, document in by_kind["AuditStream"]:

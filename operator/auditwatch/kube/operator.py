@@ -29,7 +29,7 @@ from aiohttp import web
 from auditwatch.config.model import StreamSpec
 from auditwatch.engine import Engine, utcnow
 from auditwatch.kube.aio import pause
-from auditwatch.kube.api import KubeApi, default_namespace
+from auditwatch.kube.api import KubeApi, operator_namespace
 from auditwatch.kube.handlers import Handlers, configure
 from auditwatch.kube.leader import LeaderElection, LeaseSettings
 from auditwatch.kube.source import KubeConfig, KubeSource
@@ -159,7 +159,16 @@ async def run_operator(
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    namespace = options.namespace or default_namespace()
+    if options.namespace:
+        namespace, where = options.namespace, "the options"
+    else:
+        namespace, where = operator_namespace(namespaces)
+    logger.info(
+        "operator namespace %r (from %s): the Lease, stream Secrets without a namespace, "
+        "Events about AuditStreams",
+        namespace,
+        where,
+    )
     ingestor = ReplicaIngestor()
     runner = web.AppRunner(
         Receiver(ingestor, decode_workers=decode_workers, forward_to=ingestor.forward_to).app,

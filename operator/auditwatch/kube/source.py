@@ -21,7 +21,13 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from auditwatch.config.build import DEFAULT_NAMESPACE, build_alert, build_stream, invalid_alert
+from auditwatch.config.build import (
+    DEFAULT_NAMESPACE,
+    SecretMissing,
+    build_alert,
+    build_stream,
+    invalid_alert,
+)
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.config.schema import KINDS
 
@@ -226,7 +232,10 @@ class ResourceCache:
             secret_key = (namespace or self.default_namespace, name)
             used.add(secret_key)
             values = self._secrets.get(secret_key)
-            return None if values is None else values.get(key)
+            if values is None or key not in values:
+                note = "" if namespace else " (the operator's namespace: the reference names none)"
+                raise SecretMissing.of(*secret_key, key, values, note)
+            return values[key]
 
         try:
             spec: StreamSpec | AlertSpec = (
