@@ -355,3 +355,12 @@ def test_serve_on_a_port_in_use_exits_1_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert not isinstance(result.exception, OSError), "a traceback, not a message"
     assert str(port) in result.stderr
+
+
+def test_help_says_what_query_since_and_the_operator_namespace_are() -> None:
+    """Issue #11 items 5 and 9: `query --since` bounds the event time, and `run --help` says
+    where the operator's namespace comes from."""
+    query_help = " ".join(run("query", "--help").output.split())
+    assert "event time" in query_help and "not the time auditwatch received them" in query_help
+    run_help = " ".join(run("run", "--help").output.split())
+    assert "operator's namespace" in run_help and "kubeconfig's current context" in run_help

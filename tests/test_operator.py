@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -670,11 +671,12 @@ async def test_operator_lifecycle_against_a_real_cluster(samples: Path, tmp_path
 
 
 async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is_exact(
-    fake_cluster: Cluster, samples: Path, tmp_path: Path
+    fake_cluster: Cluster, samples: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue #11 items 3 and 4: the stream's Secret and then the stream itself deleted and
     re-created: the alert is Invalid meanwhile with its counts, last match and targets, and back
     Firing with them, without a second Firing Event; lastMatch shows exactly the last match."""
+    caplog.set_level(logging.INFO, logger="kopf.objects")
     cluster, ns, opns = fake_cluster, fake_cluster.namespace, fake_cluster.operator_namespace
     stream, name = "kube-audit", "secret-read"
     ingest_secret = secret(f"{stream}-ingest", opns, username="apiserver", password="one")
@@ -724,6 +726,12 @@ async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is
             assert firing["status"]["lastMatch"].get("namespace")
             last = obj["status"]["lastMatch"]
             assert last["verb"] == "list" and "namespace" not in last and "name" not in last
+    # Item 9: kopf's line per watch event of the deleted / secret handlers is not logged.
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m == "Handler 'create' succeeded." for m in messages)
+    assert not [
+        m for m in messages if m in ("Handler 'deleted' succeeded.", "Handler 'secret' succeeded.")
+    ]
 
 
 async def test_a_leader_that_loses_the_lease_steps_down_and_leads_again_with_its_state(

@@ -176,8 +176,18 @@ def run(
 @click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--stream", required=True)
 @click.option("--rule", default=None, help="Only events this rule (composite text) matches.")
-@click.option("--since", default=None, help="A duration back from now (1h) or an RFC 3339 time.")
-@click.option("--until", default=None, help="A duration back from now or an RFC 3339 time.")
+@click.option(
+    "--since",
+    default=None,
+    help="Events whose event time (stageTimestamp, else requestReceivedTimestamp; not the time "
+    "auditwatch received them) is at or after this: a duration back from now (1h) or an RFC 3339 "
+    "time.",
+)
+@click.option(
+    "--until",
+    default=None,
+    help="Events whose event time is before this: a duration back from now or an RFC 3339 time.",
+)
 def query(data: Path, stream: str, rule: str | None, since: str | None, until: str | None) -> None:
     """Print stored events of a stream as JSON lines, oldest first."""
     from auditwatch.store import parse_time_bound
