@@ -90,7 +90,9 @@ class Applied:
 
     def __call__(self, config: KubeConfig) -> None:
         self.configs.append(config)
-        self.engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
+        self.engine.apply(
+            config.streams, config.alerts, config.invalid_alerts, config.problems, config.created
+        )
 
     def alert_status(self, key: str = "team/reads") -> dict[str, Any]:
         status: dict[str, Any] = self.engine.status()["alerts"][key]
@@ -275,3 +277,14 @@ def test_the_operator_namespace_comes_from_namespace_then_the_kubeconfig_context
     assert operator_namespace(["auditwatch", "team-a"])[0] == "auditwatch"
     monkeypatch.setenv("AUDITWATCH_NAMESPACE", "set")
     assert operator_namespace(["auditwatch"]) == ("set", "$AUDITWATCH_NAMESPACE")
+
+
+async def test_status_age_is_the_resource_age_not_the_process_uptime(
+    source: KubeSource, applied: Applied
+) -> None:
+    """Issue #11 item 9: `auditwatch status` AGE comes from metadata.creationTimestamp."""
+    old = alert()
+    old["metadata"]["creationTimestamp"] = "2024-03-01T12:00:00Z"
+    await source.load([stream(), old])
+    assert applied.alert_status()["since"] == "2024-03-01T12:00:00Z"
+    assert applied.engine.status()["streams"]["auditdemo"]["since"] != "2024-03-01T12:00:00Z"

@@ -88,7 +88,8 @@ class Engine:
         self._invalid: dict[str, InvalidAlert] = {}
         self._problems: list[str] = []
         self._since: dict[str, datetime] = {}
-        """When each stream and alert was first applied: the AGE of `auditwatch status`."""
+        """When each stream and alert was created (else first applied): the AGE of `auditwatch
+        status`."""
         self._conditions = Conditions()
         self._state_path = self.data_dir / STATE_FILE
         self._saved = self._load_state()
@@ -105,8 +106,13 @@ class Engine:
         alerts: Mapping[str, AlertSpec],
         invalid: Mapping[str, InvalidAlert] | None = None,
         problems: list[str] | None = None,
+        created: Mapping[str, datetime] | None = None,
     ) -> None:
         """Put a complete configuration in force; alerts keep their state where their rule did.
+
+        `created`: when streams and alerts (by name / key) were created, where known (a
+        resource's metadata.creationTimestamp): the AGE of `auditwatch status`; otherwise when
+        this process first applied them.
 
         An alert on a stream that is not defined becomes Invalid (StreamNotFound). An Invalid
         alert stops matching but keeps its state, counts and delivery records (saved, so across a
@@ -157,7 +163,11 @@ class Engine:
         self._invalid = invalid
         self._problems = list(problems or [])
         now = self.clock()
-        self._since = {key: self._since.get(key, now) for key in [*streams, *live, *invalid]}
+        created = created or {}
+        self._since = {
+            key: created.get(key) or self._since.get(key, now)
+            for key in [*streams, *live, *invalid]
+        }
         readiness = {STREAM_KEY.format(name): True for name in streams}
         readiness |= {ALERT_KEY.format(key): True for key in live}
         readiness |= {ALERT_KEY.format(key): False for key in invalid}

@@ -262,7 +262,9 @@ async def _lead(
     writer: StatusWriter | None = None
 
     def apply(config: KubeConfig) -> None:
-        engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
+        engine.apply(
+            config.streams, config.alerts, config.invalid_alerts, config.problems, config.created
+        )
         if writer is not None:
             writer.poke()
 

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from auditwatch.config.build import (
@@ -115,6 +117,8 @@ class KubeConfig:
     """AuditStreams that cannot receive (a missing Secret, say), by name."""
     unknown_secrets: frozenset[SecretKey]
     """Secrets some resource looked up that were never fetched: resolve them and build again."""
+    created: dict[str, datetime]
+    """metadata.creationTimestamp of the streams (by name) and alerts (by key)."""
 
     @property
     def problems(self) -> list[str]:
@@ -149,6 +153,8 @@ class ResourceCache:
         """The Secrets the last `build` looked up."""
         self.observed: dict[tuple[str, str], Observed] = {}
         """Each resource's uid and status as last received, for the status writer."""
+        self.created: dict[str, datetime] = {}
+        """Streams' (by name) and alerts' (by key) metadata.creationTimestamp."""
 
     def put(self, resource: Mapping[str, Any]) -> bool:
         """Cache a created / changed / resumed resource; True if its meaning may have changed."""
@@ -157,6 +163,10 @@ class ResourceCache:
         self.observed[kind_key] = Observed(
             str(metadata.get("uid") or ""), plain(resource.get("status") or {})
         )
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            self.created[kind_key[1]] = datetime.fromisoformat(
+                str(metadata["creationTimestamp"]).replace("Z", "+00:00")
+            )
         body = essence(resource)
         if self._bodies.get(kind_key) == body:
             return False
@@ -169,6 +179,7 @@ class ResourceCache:
         kind_key = resource_key(resource)
         self._built.pop(kind_key, None)
         self.observed.pop(kind_key, None)
+        self.created.pop(kind_key[1], None)
         return self._bodies.pop(kind_key, None) is not None
 
     def bodies(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -223,7 +234,9 @@ class ResourceCache:
         self._secrets = {
             key: value for key, value in self._secrets.items() if key in self._referenced
         }
-        return KubeConfig(streams, alerts, invalid_alerts, invalid_streams, frozenset(unknown))
+        return KubeConfig(
+            streams, alerts, invalid_alerts, invalid_streams, frozenset(unknown), dict(self.created)
+        )
 
     def _build_one(self, kind: str, body: dict[str, Any]) -> _Built:
         used: set[SecretKey] = set()
