@@ -783,3 +783,32 @@ async def test_a_leader_that_loses_the_lease_steps_down_and_leads_again_with_its
                 status = (await response.json())["alerts"][f"{ns}/recon"]
             assert (status["state"], status["matches"]) == ("Firing", expected)
             assert len(sink.received) == 1, "leading again is no new firing"
+
+
+async def test_a_stream_that_only_counts_is_not_patched_every_interval(
+    fake_cluster: Cluster, kube_fake: KubeFake, samples: Path, tmp_path: Path
+) -> None:
+    """Issue #10 item 3: events arriving all the time (the operator's own API calls, on an
+    idle cluster) change only the stream's counts: patched at once, then at most every
+    counts_interval (30 s), not every status interval."""
+    opns = fake_cluster.operator_namespace
+    await fake_cluster.create(secret("busy-ingest", opns, username="u", password="p"))
+    await fake_cluster.create(stream_body("busy", opns))
+    path = f"/apis/{GROUP}/{VERSION}/auditstreams/busy/status"
+    async with (
+        aiohttp.ClientSession() as http,
+        operator(tmp_path / "data", fast_options()) as (_r, url, _t),
+    ):
+        await fake_cluster.wait_for("AuditStream", "busy", lambda o: ready(o).get("status"))
+        first = sample_events(samples, 1)
+        assert (await post(http, url, "busy", first, ("u", "p")))[0] == 200
+        await fake_cluster.wait_for(
+            "AuditStream", "busy", lambda o: o["status"].get("eventsReceived") == len(first)
+        )
+        before = len(kube_fake.requests_matching("PATCH", path))
+        for round_ in range(2, 12):  # 3 s of steady arrivals: ten status intervals
+            assert (await post(http, url, "busy", sample_events(samples, round_), ("u", "p")))[
+                0
+            ] == 200
+            await asyncio.sleep(0.3)
+        assert len(kube_fake.requests_matching("PATCH", path)) - before <= 1

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from auditwatch.config.model import StreamSpec
@@ -34,7 +34,14 @@ KEPT_WHILE_INVALID = ("targets",)
 
 EVENT_MESSAGE_LIMIT = 1024
 
+COUNT_FIELDS = frozenset({"eventsReceived", "lastEventTime"})
+"""An AuditStream's status fields that only count: a change of these alone is written at most
+every `counts_interval` (the first after a quiet spell at once). A stream that receives the
+operator's own API calls (its status patches are audit events too) would otherwise be patched
+every interval on an idle cluster."""
+
 Clock = Callable[[], datetime]
+MIN_TIME = datetime.min.replace(tzinfo=UTC)
 
 
 def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
@@ -56,6 +63,7 @@ class StatusWriter:
         events_namespace: str,
         reporter: str,
         interval: float = 2.0,
+        counts_interval: float = 30.0,
         clock: Clock = utcnow,
     ) -> None:
         self.api = api
@@ -70,6 +78,9 @@ class StatusWriter:
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         """(kind, key) -> (uid, status) as last patched by this process."""
         self._wakeup = asyncio.Event()
+        self.counts_interval = timedelta(seconds=counts_interval)
+        self._counted: dict[tuple[str, str], datetime] = {}
+        """(kind, key) -> when a patch of counts alone was last sent."""
         self._kept: dict[tuple[str, str], str] = {}
         """(kind, key) -> the state an Invalid alert keeps: back from Invalid it continues in
         it, which is no new firing (nor, if it was Resolved, a resolve)."""
@@ -139,6 +150,10 @@ class StatusWriter:
             if not patch:
                 self._written[(kind, key)] = (observed.uid, desired)
                 continue
+            counts_only = set(patch) <= COUNT_FIELDS
+            last_counted = self._counted.get((kind, key), MIN_TIME)
+            if counts_only and now - last_counted < self.counts_interval:
+                continue  # nothing but counts changed, and such a write was made a moment ago
             namespace = body["metadata"].get("namespace") if kind == "AuditAlert" else None
             name = body["metadata"]["name"]
             try:
@@ -149,10 +164,13 @@ class StatusWriter:
                 continue
             patched += 1
             self._written[(kind, key)] = (observed.uid, desired)
+            if counts_only:
+                self._counted[(kind, key)] = now
             await self._post_transition_events(kind, body, observed.uid, previous, desired)
         live = {(kind, key) for kind, key, _ in self.cache.bodies()}
         self._written = {k: v for k, v in self._written.items() if k in live}
         self._kept = {k: v for k, v in self._kept.items() if k in live}
+        self._counted = {k: v for k, v in self._counted.items() if k in live}
         return patched
 
     def _invalid_stream_status(
