@@ -116,7 +116,23 @@ def test_test_rule_in_a_real_process(samples: Path) -> None:
 
 def test_lint_accepts_the_examples() -> None:
     result = run("lint", EXAMPLES / "standalone", EXAMPLES / "detections")
-    assert (result.exit_code, result.output) == (0, "")
+    files = [*(EXAMPLES / "standalone").glob("*.y*ml"), *(EXAMPLES / "detections").glob("*.y*ml")]
+    resources = sum(
+        1 for file in files for doc in yaml.safe_load_all(file.read_text()) if doc is not None
+    )
+    summary = f"{len(files)} file(s), {resources} resource(s): ok\n"
+    assert (result.exit_code, result.output) == (0, summary)
+
+
+def test_lint_reads_what_kubectl_kustomize_prints(tmp_path: Path) -> None:
+    """kubectl kustomize prints a column rule's `operator: =` unquoted (YAML 1.1's value tag);
+    kubectl reads it as the string "=", and so must lint."""
+    text = (EXAMPLES / "detections" / "k8s-request-denied-burst.yaml").read_text()
+    assert 'operator: "="' in text
+    path = tmp_path / "kustomized.yaml"
+    path.write_text(text.replace('operator: "="', "operator: ="))
+    result = run("lint", path)
+    assert (result.exit_code, result.output) == (0, "1 file(s), 1 resource(s): ok\n")
 
 
 def test_lint_reports_a_bad_rule_by_file_and_resource(tmp_path: Path) -> None:
@@ -177,7 +193,8 @@ def test_convert_output_lints_clean(tmp_path: Path) -> None:
     converted = tmp_path / "converted.yaml"
     converted.write_text(result.stdout)
     linted = run("lint", converted)
-    assert (linted.exit_code, linted.output) == (0, "")
+    summary = f"1 file(s), {len(documents)} resource(s): ok\n"
+    assert (linted.exit_code, linted.output) == (0, summary)
 
 
 def test_convert_refuses_what_is_not_a_parseable_document(tmp_path: Path) -> None:
@@ -338,3 +355,12 @@ def test_serve_on_a_port_in_use_exits_1_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert not isinstance(result.exception, OSError), "a traceback, not a message"
     assert str(port) in result.stderr
+
+
+def test_help_says_what_query_since_and_the_operator_namespace_are() -> None:
+    """Issue #11 items 5 and 9: `query --since` bounds the event time, and `run --help` says
+    where the operator's namespace comes from."""
+    query_help = " ".join(run("query", "--help").output.split())
+    assert "event time" in query_help and "not the time auditwatch received them" in query_help
+    run_help = " ".join(run("run", "--help").output.split())
+    assert "operator's namespace" in run_help and "kubeconfig's current context" in run_help

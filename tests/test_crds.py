@@ -256,3 +256,20 @@ def test_installed_package_reads_the_crds_from_its_data(
     assert schema.crd_text("AuditStream") == checkout_text
     with pytest.raises(schema.CrdNotFoundError, match=r"auditalerts\.yaml"):
         schema.crd_text("AuditAlert")
+
+
+@pytest.mark.parametrize(
+    ("kind", "path"),
+    [
+        ("AuditAlert", ".spec"),
+        ("AuditAlert", ".spec.rule.type"),
+        ("AuditAlert", ".spec.targets[].type"),
+        ("AuditAlert", ".spec.severity"),
+        ("AuditAlert", ".status.state"),
+        ("AuditStream", ".spec"),
+    ],
+)
+def test_kubectl_explain_has_a_description_for(kind: str, path: str) -> None:
+    """Issue #11 item 9: `kubectl explain` showed nothing for these."""
+    described = dict(nodes(schema.openapi_schema(kind)))
+    assert described[path].get("description"), f"{kind}{path}"

@@ -560,3 +560,81 @@ async def test_readiness_and_stream_ready_follow_a_disk_that_refuses_writes(
         answer = await post(session, url + "/api/v1/logstream/audit", synthetic_events("b", 3))
         assert answer.status == 200
     assert sorted(event["auditID"] for event in stored(data, "audit")) == ["b-0", "b-1", "b-2"]
+
+
+async def test_an_alert_whose_stream_goes_away_keeps_its_state_and_counts_until_it_is_back(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    """A stream deleted and re-created (or applied after its alerts, as GitOps tools may do):
+    Invalid meanwhile, with its counts, last match and deliveries shown, and back where it was
+    -- also across a restart while the stream is missing."""
+    data = tmp_path / "data"
+    spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
+    engine = Engine(data)
+    engine.apply(streams("audit"), alerts(spec))
+    await ingest(engine, recon)
+    await settle(engine)
+    reads = len(secret_reads(recon))
+    firing = alert_status(engine, spec.key)
+    assert (firing["state"], firing["matches"]) == ("Firing", reads)
+
+    engine.apply({}, alerts(spec))
+    invalid = alert_status(engine, spec.key)
+    assert (invalid["state"], invalid["matches"]) == ("Invalid", reads)
+    assert invalid["lastMatch"] == firing["lastMatch"]
+    assert invalid["lastMatchTime"] == firing["lastMatchTime"]
+    assert invalid["targets"] == firing["targets"] and invalid["targets"][0]["sent"] == 1
+    [ready] = invalid["conditions"]
+    assert ready["reason"] == "StreamNotFound" and "state Firing" in ready["message"]
+    await engine.close()
+
+    restarted = Engine(data)
+    restarted.apply({}, alerts(spec))
+    status = alert_status(restarted, spec.key)
+    assert (status["state"], status["matches"]) == ("Invalid", reads)
+    restarted.apply(streams("audit"), alerts(spec))
+    status = alert_status(restarted, spec.key)
+    assert (status["state"], status["matches"]) == ("Firing", reads)
+    await settle(restarted)
+    assert len(sink.bodies("firing")) == 1, "back from Invalid is no new firing"
+    await restarted.close()
+
+
+async def test_a_firing_alert_sends_nothing_while_invalid_and_resolves_once_back(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1s")
+    engine = Engine(tmp_path / "data")
+    engine.apply(streams("audit"), alerts(spec))
+    stop = asyncio.Event()
+    loop = asyncio.create_task(engine.run(stop))
+    await ingest(engine, recon)
+    await sink.wait_for("firing", 1)
+    engine.apply({}, alerts(spec))
+    await asyncio.sleep(1.5)  # past resolveAfter: a live alert would have resolved by now
+    assert sink.bodies("resolved") == []
+    assert alert_status(engine, spec.key)["state"] == "Invalid"
+    engine.apply(streams("audit"), alerts(spec))
+    resolved = await sink.wait_for("resolved", 2)
+    assert resolved.body["total"] == len(secret_reads(recon))
+    assert alert_status(engine, spec.key)["state"] == "Resolved"
+    stop.set()
+    await loop
+    await engine.close()
+
+
+async def test_a_deleted_alert_loses_its_kept_state(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    """Only deleting the alert itself drops its state: created again, it starts afresh."""
+    spec = alert("secret-read", "audit", SECRET_READS, sink.url, interval="1h", resolve_after="1h")
+    engine = Engine(tmp_path / "data")
+    engine.apply(streams("audit"), alerts(spec))
+    await ingest(engine, recon)
+    await settle(engine)
+    engine.apply({}, alerts(spec))
+    engine.apply({}, {})
+    engine.apply(streams("audit"), alerts(spec))
+    status = alert_status(engine, spec.key)
+    assert (status["state"], status["matches"], status["targets"]) == ("Listening", 0, [])
+    await engine.close()

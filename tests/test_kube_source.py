@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from auditwatch.engine import Engine
+from auditwatch.kube.api import operator_namespace
 from auditwatch.kube.source import KubeConfig, KubeSource
 
 OPERATOR_NAMESPACE = "auditwatch"
@@ -88,7 +90,9 @@ class Applied:
 
     def __call__(self, config: KubeConfig) -> None:
         self.configs.append(config)
-        self.engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
+        self.engine.apply(
+            config.streams, config.alerts, config.invalid_alerts, config.problems, config.created
+        )
 
     def alert_status(self, key: str = "team/reads") -> dict[str, Any]:
         status: dict[str, Any] = self.engine.status()["alerts"][key]
@@ -231,3 +235,56 @@ async def test_a_spec_the_schema_rejects_is_invalid_spec(
     await source.load([stream(), bad])
     [ready] = applied.alert_status()["conditions"]
     assert ready["reason"] == "InvalidSpec" and "severity" in ready["message"]
+
+
+async def test_a_stream_secret_message_names_the_namespace_and_tells_secret_from_key(
+    source: KubeSource, applied: Applied, api: FakeApi
+) -> None:
+    """Issue #11 item 5: the operator's namespace named, and a missing Secret told apart from
+    a missing key."""
+    basic = stream(auth={"basic": {"secretRef": {"name": "ingest"}}})
+    await source.load([basic])
+    error = applied.configs[-1].invalid_streams["auditdemo"]
+    assert error.reason == "SecretNotFound"
+    assert f"Secret '{OPERATOR_NAMESPACE}/ingest' does not exist" in error.message
+    assert "operator's namespace" in error.message
+
+    await source.secret_event("ADDED", secret(OPERATOR_NAMESPACE, "ingest", username="u"))
+    error = applied.configs[-1].invalid_streams["auditdemo"]
+    assert f"Secret '{OPERATOR_NAMESPACE}/ingest' exists but has no key 'password'" in (
+        error.message
+    )
+
+
+def test_the_operator_namespace_comes_from_namespace_then_the_kubeconfig_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #11 item 5: run from a laptop without $AUDITWATCH_NAMESPACE, the operator's
+    namespace is the first --namespace, else the kubeconfig context's, not `default`."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u", "namespace": "ops"}}],
+        "current-context": "x",
+    }
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("AUDITWATCH_NAMESPACE", raising=False)
+    assert operator_namespace([])[0] == "ops"
+    assert operator_namespace(["auditwatch", "team-a"])[0] == "auditwatch"
+    monkeypatch.setenv("AUDITWATCH_NAMESPACE", "set")
+    assert operator_namespace(["auditwatch"]) == ("set", "$AUDITWATCH_NAMESPACE")
+
+
+async def test_status_age_is_the_resource_age_not_the_process_uptime(
+    source: KubeSource, applied: Applied
+) -> None:
+    """Issue #11 item 9: `auditwatch status` AGE comes from metadata.creationTimestamp."""
+    old = alert()
+    old["metadata"]["creationTimestamp"] = "2024-03-01T12:00:00Z"
+    await source.load([stream(), old])
+    assert applied.alert_status()["since"] == "2024-03-01T12:00:00Z"
+    assert applied.engine.status()["streams"]["auditdemo"]["since"] != "2024-03-01T12:00:00Z"

@@ -8,6 +8,7 @@ only when that binary is missing.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from tests.kubefake import KubeFake, ResourceType
 
 from auditwatch.config import build, schema
 from auditwatch.config.model import ConfigError
@@ -828,3 +830,61 @@ def test_fluent_bit_posts_message_envelopes_to_the_auditdemo_stream(
     )
     assert stream.auth is not None and http["HTTP_User"] == stream.auth.username
     assert http["Format"] == "json"
+
+
+ARGOCD_PATCH_COMMAND = (
+    "kubectl patch configmap argocd-cm -n argocd --type merge "
+    "--patch-file <(kubectl kustomize manifests/argocd)"
+)
+
+
+@needs_kubectl
+async def test_the_argocd_health_check_install_never_removes_another_argocd_cm_key(
+    kube_fake: KubeFake, tmp_path: Path
+) -> None:
+    """Issue #11 item 7: the documented install is a merge patch of our two keys: applied with
+    kubectl to an argocd-cm that holds other keys (written by a client-side apply), it adds
+    ours and keeps every other key, also when run again."""
+    assert KUBECTL is not None
+    assert ARGOCD_PATCH_COMMAND in (ROOT / "docs" / "deployment.md").read_text()
+    kube_fake.store.register(
+        ResourceType("", "v1", "configmaps", "ConfigMap", namespaced=True, tracks_generation=False)
+    )
+    kube_fake.store.register(
+        ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, tracks_generation=False)
+    )
+    theirs = {
+        "url": "https://argocd.example.com",
+        "resource.customizations.health.apps_Deployment": "hs = {}\nreturn hs\n",
+    }
+    kube_fake.store.create(
+        "configmaps",
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "argocd-cm",
+                "namespace": "argocd",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+            },
+            "data": theirs,
+        },
+        "argocd",
+    )
+    patch = tmp_path / "argocd-cm.yaml"
+    patch.write_text(yaml.safe_dump_all(kustomize(MANIFESTS / "argocd")))
+    kubeconfig = kube_fake.write_kubeconfig(tmp_path / "kubeconfig")
+    health = HEALTH_LUA.read_text()
+    ours = {
+        f"resource.customizations.health.auditwatch.dev_{kind}": health
+        for kind in ("AuditAlert", "AuditStream")
+    }
+    for _ in range(2):
+        command = [KUBECTL, "--kubeconfig", str(kubeconfig), "patch", "configmap", "argocd-cm"]
+        command += ["-n", "argocd", "--type", "merge", "--patch-file", str(patch)]
+        result = await asyncio.to_thread(
+            subprocess.run, command, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        data = kube_fake.store.get("configmaps", "argocd-cm", "argocd")["data"]
+        assert data == {**theirs, **ours}

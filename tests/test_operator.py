@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -760,3 +761,147 @@ async def test_a_tenant_sees_its_own_namespace_until_a_namespace_label_grants_th
 
             await until(sees_the_cluster, "the label's grant")
             assert (await fake_cluster.get("AuditAlert", "reads", "team"))["status"]["matches"] > 2
+
+
+async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is_exact(
+    fake_cluster: Cluster, samples: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue #11 items 3 and 4: the stream's Secret and then the stream itself deleted and
+    re-created: the alert is Invalid meanwhile with its counts, last match and targets, and back
+    Firing with them, without a second Firing Event; lastMatch shows exactly the last match."""
+    caplog.set_level(logging.INFO, logger="kopf.objects")
+    cluster, ns, opns = fake_cluster, fake_cluster.namespace, fake_cluster.operator_namespace
+    stream, name = "kube-audit", "secret-read"
+    ingest_secret = secret(f"{stream}-ingest", opns, username="apiserver", password="one")
+    events = sample_events(samples, 1)
+    rule = 'objectRef.resource = "secrets"'
+    async with webhook_sink() as sink, aiohttp.ClientSession() as http:
+        await cluster.create(ingest_secret)
+        await cluster.create(secret(f"{name}-hook", ns, token="Bearer one"))
+        await cluster.create(stream_body(stream, opns))
+        await cluster.create(alert_body(name, ns, stream, rule, sink.url))
+        async with operator(tmp_path / "data", fast_options()) as (_running, url, _task):
+            auth = ("apiserver", "one")
+            assert (await post(http, url, stream, events, auth))[0] == 200
+            expected = count(rule, events)
+            firing = await cluster.wait_for(
+                "AuditAlert", name, lambda o: o.get("status", {}).get("targets"), ns
+            )
+            assert (firing["status"]["state"], firing["status"]["matches"]) == ("Firing", expected)
+
+            async def gone_and_back(kind: str, body: dict[str, Any], namespace: str | None) -> None:
+                await cluster.delete(kind, body["metadata"]["name"], namespace)
+                obj = await cluster.wait_for(
+                    "AuditAlert", name, lambda o: o["status"]["state"] == "Invalid", ns
+                )
+                for field_name in ("matches", "lastMatch", "lastMatchTime", "targets"):
+                    assert obj["status"][field_name] == firing["status"][field_name], field_name
+                assert "state Firing" in ready(obj)["message"]
+                await cluster.create(body)
+                obj = await cluster.wait_for(
+                    "AuditAlert", name, lambda o: o["status"]["state"] != "Invalid", ns
+                )
+                assert (obj["status"]["state"], obj["status"]["matches"]) == ("Firing", expected)
+
+            await gone_and_back("Secret", ingest_secret, opns)
+            await gone_and_back("AuditStream", stream_body(stream, opns), None)
+            await cluster.wait_for_event(name, ns, "Valid")
+            reasons = [e["reason"] for e in await cluster.events(name, ns)]
+            assert reasons.count("Firing") == 1, reasons
+
+            # A match without namespace and name (a cluster-wide list): none shown.
+            listing = dict(events[0], auditID=str(uuid.uuid4()), verb="list")
+            listing["objectRef"] = {"resource": "secrets", "apiVersion": "v1"}
+            assert (await post(http, url, stream, [listing], auth))[0] == 200
+            obj = await cluster.wait_for(
+                "AuditAlert", name, lambda o: o["status"]["matches"] == expected + 1, ns
+            )
+            assert firing["status"]["lastMatch"].get("namespace")
+            last = obj["status"]["lastMatch"]
+            assert last["verb"] == "list" and "namespace" not in last and "name" not in last
+    # Item 9: kopf's line per watch event of the deleted / secret handlers is not logged.
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m == "Handler 'create' succeeded." for m in messages)
+    assert not [
+        m for m in messages if m in ("Handler 'deleted' succeeded.", "Handler 'secret' succeeded.")
+    ]
+
+
+async def test_a_leader_that_loses_the_lease_steps_down_and_leads_again_with_its_state(
+    fake_cluster: Cluster, kube_fake: KubeFake, samples: Path, tmp_path: Path
+) -> None:
+    """Issue #11 item 6: losing the Lease no longer ends the process: the replica steps down
+    (state saved, storage flushed, receiver up), and leads again once the Lease is free, with
+    the alert where it was."""
+    opns, ns = fake_cluster.operator_namespace, fake_cluster.namespace
+    await fake_cluster.create(secret("auditdemo-ingest", opns, username="u", password="p"))
+    await fake_cluster.create(secret("recon-hook", ns, token="Bearer one"))
+    await fake_cluster.create(stream_body("auditdemo", opns))
+    events = sample_events(samples, 1)
+    expected = count(FIRST_RULE, events)
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        webhook_sink() as sink,
+    ):
+        await fake_cluster.create(alert_body("recon", ns, "auditdemo", FIRST_RULE, sink.url))
+        async with operator(tmp_path / "data", fast_options(identity="me")) as (_r, url, task):
+            assert (await post(http, url, "auditdemo", events, ("u", "p")))[0] == 200
+            await fake_cluster.wait_for(
+                "AuditAlert", "recon", lambda o: o.get("status", {}).get("state") == "Firing", ns
+            )
+
+            def take_lease(holder: str | None) -> None:
+                lease = kube_fake.store.get("leases", "auditwatch", opns)
+                lease["spec"]["holderIdentity"] = holder
+                lease["metadata"]["annotations"] = {}
+                kube_fake.store.replace("leases", "auditwatch", lease, opns)
+
+            take_lease("other")
+
+            async def standby() -> bool:
+                async with http.get(f"{url}/api/v1/readiness") as response:
+                    return "standby" in (await response.json())["reason"]
+
+            await until(standby, "the replica on standby")
+            assert not task.done(), "stepping down must not end the process"
+
+            take_lease(None)  # the other replica released it
+
+            async def leading() -> bool:
+                async with http.get(f"{url}/api/v1/readiness") as response:
+                    return response.status == 200 and (await response.json())["reason"] == "ok"
+
+            await until(leading, "the replica leading again")
+            async with http.get(f"{url}/api/v1/status") as response:
+                status = (await response.json())["alerts"][f"{ns}/recon"]
+            assert (status["state"], status["matches"]) == ("Firing", expected)
+            assert len(sink.received) == 1, "leading again is no new firing"
+
+
+async def test_a_stream_that_only_counts_is_not_patched_every_interval(
+    fake_cluster: Cluster, kube_fake: KubeFake, samples: Path, tmp_path: Path
+) -> None:
+    """Issue #10 item 3: events arriving all the time (the operator's own API calls, on an
+    idle cluster) change only the stream's counts: patched at once, then at most every
+    counts_interval (30 s), not every status interval."""
+    opns = fake_cluster.operator_namespace
+    await fake_cluster.create(secret("busy-ingest", opns, username="u", password="p"))
+    await fake_cluster.create(stream_body("busy", opns))
+    path = f"/apis/{GROUP}/{VERSION}/auditstreams/busy/status"
+    async with (
+        aiohttp.ClientSession() as http,
+        operator(tmp_path / "data", fast_options()) as (_r, url, _t),
+    ):
+        await fake_cluster.wait_for("AuditStream", "busy", lambda o: ready(o).get("status"))
+        first = sample_events(samples, 1)
+        assert (await post(http, url, "busy", first, ("u", "p")))[0] == 200
+        await fake_cluster.wait_for(
+            "AuditStream", "busy", lambda o: o["status"].get("eventsReceived") == len(first)
+        )
+        before = len(kube_fake.requests_matching("PATCH", path))
+        for round_ in range(2, 12):  # 3 s of steady arrivals: ten status intervals
+            assert (await post(http, url, "busy", sample_events(samples, round_), ("u", "p")))[
+                0
+            ] == 200
+            await asyncio.sleep(0.3)
+        assert len(kube_fake.requests_matching("PATCH", path)) - before <= 1

@@ -496,3 +496,24 @@ __all__ = [
     "continues",
     "render_message",
 ]
+
+
+def kept_status(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the status of an alert that is Invalid for now shows of the state it keeps (from
+    its snapshot): the state it continues in, its matches and its last match. None if none."""
+    if not isinstance(snapshot, dict) or snapshot.get("state") not in (
+        "Listening",
+        "Firing",
+        "Resolved",
+    ):
+        return None
+    last_event = snapshot.get("lastEvent")
+    matches = snapshot.get("matches")
+    return {
+        "state": snapshot["state"],
+        "matches": matches if isinstance(matches, int) and not isinstance(matches, bool) else 0,
+        "lastMatchTime": snapshot.get("lastMatchTime"),
+        "lastMatch": EventSummary.of(last_event).as_status()
+        if isinstance(last_event, dict)
+        else None,
+    }

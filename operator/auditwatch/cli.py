@@ -243,7 +243,15 @@ def serve(
 @click.option("--data", default=Path("/data"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
-@click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch AuditAlerts and Secrets of these only (default: all). The first is the "
+    "operator's namespace (its Lease, the stream Secrets, Events about streams) unless "
+    "$AUDITWATCH_NAMESPACE is set; without either, the kubeconfig's current context "
+    "namespace, else the pod's service account namespace, else default.",
+)
 @DECODE_WORKERS
 @receiver_flags
 @EGRESS_ALLOW
@@ -263,32 +271,39 @@ def run(
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
-    from auditwatch.kube.operator import LeadershipLost, OperatorOptions, run_operator
+    from auditwatch.kube.operator import OperatorOptions, run_operator
 
     setup_logging(log_level)
     egress = egress_policy(egress_allow, egress_deny)
-    try:
-        asyncio.run(
-            run_operator(
-                data,
-                host=host,
-                port=port,
-                namespaces=list(namespaces),
-                decode_workers=decode_workers,
-                receiver_options=receiver_options(header_timeout, body_timeout, status_token),
-                options=OperatorOptions(egress=egress),
-            )
+    asyncio.run(
+        run_operator(
+            data,
+            host=host,
+            port=port,
+            namespaces=list(namespaces),
+            decode_workers=decode_workers,
+            receiver_options=receiver_options(header_timeout, body_timeout, status_token),
+            options=OperatorOptions(egress=egress),
         )
-    except LeadershipLost as error:  # the Deployment restarts this replica as a standby
-        fail(f"leadership lost: {error}")
+    )
 
 
 @main.command()
 @click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
 @click.option("--stream", required=True)
 @click.option("--rule", default=None, help="Only events this rule (composite text) matches.")
-@click.option("--since", default=None, help="A duration back from now (1h) or an RFC 3339 time.")
-@click.option("--until", default=None, help="A duration back from now or an RFC 3339 time.")
+@click.option(
+    "--since",
+    default=None,
+    help="Events whose event time (stageTimestamp, else requestReceivedTimestamp; not the time "
+    "auditwatch received them) is at or after this: a duration back from now (1h) or an RFC 3339 "
+    "time.",
+)
+@click.option(
+    "--until",
+    default=None,
+    help="Events whose event time is before this: a duration back from now or an RFC 3339 time.",
+)
 def query(data: Path, stream: str, rule: str | None, since: str | None, until: str | None) -> None:
     """Print stored events of a stream as JSON lines, oldest first."""
     from auditwatch.store import parse_time_bound
@@ -309,13 +324,16 @@ def query(data: Path, stream: str, rule: str | None, since: str | None, until: s
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def lint(paths: tuple[Path, ...]) -> None:
     """Check AuditStream / AuditAlert YAML: schema (from crds/) and rule syntax."""
+    from auditwatch.lint import Tally
     from auditwatch.lint import lint as run_lint
 
-    problems = run_lint(list(paths))
+    tally = Tally()
+    problems = run_lint(list(paths), tally)
     for problem in problems:
         click.echo(problem)
     if problems:
         sys.exit(1)
+    click.echo(tally.summary())
 
 
 @main.command()

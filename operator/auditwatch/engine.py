@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from auditwatch import exactjson
-from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues
+from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues, kept_status
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.metrics import Metrics
@@ -69,15 +69,20 @@ class _Matched:
     """The staging segment holding the events (see `Engine._staged_matches`)."""
 
 
-def _about_namespace(
-    batch: EventBatch, namespace: str, memo: dict[str, pa.BooleanArray]
+def _visible_matches(
+    alert: _LiveAlert, batch: EventBatch, memo: dict[str, pa.BooleanArray]
 ) -> pa.BooleanArray:
-    """Rows about `namespace` (objectRef.namespace equal to it; never a cluster-scoped event),
-    computed once per batch for all the alerts of that namespace."""
+    """The rows of `batch` the alert's rule matches among those it may see: with a scope, only
+    events about that namespace (never a cluster-scoped one). `memo` keeps each namespace's
+    rows for the other alerts of the same batch."""
+    mask: pa.BooleanArray = alert.rule.evaluate(batch)
+    namespace = alert.spec.scope
+    if namespace is None:
+        return mask
     if namespace not in memo:
         column = batch.table.column("objectRef_namespace").combine_chunks()
         memo[namespace] = pc.fill_null(pc.equal(column, namespace), False)
-    return memo[namespace]
+    return pc.and_(mask, memo[namespace])
 
 
 class Engine:
@@ -103,7 +108,8 @@ class Engine:
         self._invalid: dict[str, InvalidAlert] = {}
         self._problems: list[str] = []
         self._since: dict[str, datetime] = {}
-        """When each stream and alert was first applied: the AGE of `auditwatch status`."""
+        """When each stream and alert was created (else first applied): the AGE of `auditwatch
+        status`."""
         self._conditions = Conditions()
         self._state_path = self.data_dir / STATE_FILE
         self._saved = self._load_state()
@@ -129,14 +135,24 @@ class Engine:
         invalid: Mapping[str, InvalidAlert] | None = None,
         problems: list[str] | None = None,
         namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
+        created: Mapping[str, datetime] | None = None,
     ) -> None:
         """Put a complete configuration in force; alerts keep their state where their rule did.
 
+        `created`: when streams and alerts (by name / key) were created, where known (a
+        resource's metadata.creationTimestamp): the AGE of `auditwatch status`; otherwise when
+        this process first applied them.
+
         An alert on a stream that is not defined becomes Invalid (StreamNotFound), one from a
         namespace the stream does not admit too (StreamNotGranted); the others see what their
-        stream grants them (`config.build.check_stream`, given `namespace_labels`). Alerts not in
-        `alerts` any more stop matching at once and their saved state is dropped. `problems` are
-        configuration errors to show in the status (a file that does not parse, say).
+        stream grants them (`config.build.check_stream`, given `namespace_labels`). An Invalid
+        alert stops matching but keeps its state, counts and delivery records (saved, so across a
+        restart too), and continues from them when it is usable again: a stream or Secret that is
+        briefly missing (deleted and re-created, or applied in another order) loses nothing.
+        While Invalid it sends nothing; a firing alert resolves normally once back. Alerts in
+        neither `alerts` nor `invalid` (deleted) stop matching at once and their state is
+        dropped. `problems` are configuration errors to show in the status (a file that does not
+        parse, say).
 
         The first call must carry the complete configuration: saved state of alerts absent from
         it (deleted while auditwatch was down) is dropped then.
@@ -158,6 +174,10 @@ class Engine:
                 continue
             live[key] = self._live_alert(key, spec)
         for key in set(self._alerts) - set(live):
+            if key in invalid:  # kept for its return, and shown in its Invalid status
+                self._saved[key] = self._alerts[key].tracker.snapshot()
+                self._dirty = True
+        for key in (set(self._alerts) | set(self._invalid)) - set(live) - set(invalid):
             self.notifier.forget(key)
             self._saved.pop(key, None)
             self._dirty = True
@@ -175,7 +195,11 @@ class Engine:
         self._invalid = invalid
         self._problems = list(problems or [])
         now = self.clock()
-        self._since = {key: self._since.get(key, now) for key in [*streams, *live, *invalid]}
+        created = created or {}
+        self._since = {
+            key: created.get(key) or self._since.get(key, now)
+            for key in [*streams, *live, *invalid]
+        }
         readiness = {STREAM_KEY.format(name): True for name in streams}
         readiness |= {ALERT_KEY.format(key): True for key in live}
         readiness |= {ALERT_KEY.format(key): False for key in invalid}
@@ -199,7 +223,10 @@ class Engine:
                 staged[stream] = [(stem, from_table(t)) for stem, t in self.store.staged(stream)]
             saved_counts = saved.get("stagedMatches")
             before = saved_counts if isinstance(saved_counts, dict) else {}
-            counts = {stem: alert.rule.evaluate(batch).true_count for stem, batch in staged[stream]}
+            counts = {
+                stem: _visible_matches(alert, batch, {}).true_count
+                for stem, batch in staged[stream]
+            }
             delta = sum(counts.values()) - sum(int(before.get(stem, 0)) for stem in counts)
             if delta:
                 logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
@@ -289,9 +316,7 @@ class Engine:
             visible: dict[str, pa.BooleanArray] = {}
             for alert in alerts:
                 try:
-                    mask = alert.rule.evaluate(new)
-                    if alert.spec.scope is not None:
-                        mask = pc.and_(mask, _about_namespace(new, alert.spec.scope, visible))
+                    mask = _visible_matches(alert, new, visible)
                 except Exception:  # the events are kept: a rule bug must not fail the request
                     logger.exception("alert %s: rule evaluation failed", alert.spec.key)
                     continue
@@ -517,8 +542,8 @@ class Engine:
                 bad.name,
                 bad.stream,
                 bad.generation,
-                None,
-                {},
+                kept_status(self._saved.get(key)),
+                self.notifier.status(key),
                 ConfigError(bad.reason, bad.message),
                 self._conditions,
                 now,

@@ -8,6 +8,7 @@ secret references are not resolved; that a stream named by an alert exists is no
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,37 @@ def _any_secret(namespace: str | None, name: str, key: str) -> str:
     return _PLACEHOLDER_SECRET
 
 
-def lint(paths: list[Path]) -> list[str]:
-    """`file: Kind/name: problem` lines for every problem in `paths` (directories recurse)."""
+@dataclass
+class Tally:
+    """How much was checked: the one-line summary of a run without problems."""
+
+    files: int = 0
+    resources: int = 0
+
+    def summary(self) -> str:
+        return f"{self.files} file(s), {self.resources} resource(s): ok"
+
+
+def lint(paths: list[Path], tally: Tally | None = None) -> list[str]:
+    """`file: Kind/name: problem` lines for every problem in `paths` (directories recurse);
+    `tally`, if given, counts the files and resources read."""
+    tally = tally or Tally()
     problems: list[str] = []
     for path in paths:
         if path.is_dir():
             for file in yaml_files(path):
-                problems.extend(lint_file(file))
+                problems.extend(lint_file(file, tally))
         elif path.exists():
-            problems.extend(lint_file(path))
+            problems.extend(lint_file(path, tally))
         else:
             problems.append(f"{path}: no such file or directory")
     return problems
 
 
-def lint_file(path: Path) -> list[str]:
+def lint_file(path: Path, tally: Tally | None = None) -> list[str]:
     """The problems of one YAML file: syntax, unknown kinds, schema, field combinations, rules."""
+    tally = tally or Tally()
+    tally.files += 1
     try:
         documents = read_documents(path)
     except YamlFileError as error:
@@ -54,6 +70,7 @@ def lint_file(path: Path) -> list[str]:
     for index, document in enumerate(documents):
         if document is None:
             continue
+        tally.resources += 1
         if not isinstance(document, dict):
             problems.append(f"{path}: document {index + 1}: not a mapping")
             continue

@@ -104,19 +104,32 @@ def alert_status(
     conditions: Conditions,
     now: datetime,
 ) -> dict[str, Any]:
-    """An AuditAlert's status, from its tracker and delivery records, or from its problem."""
+    """An AuditAlert's status, from its tracker and delivery records, or from its problem.
+
+    With a problem the state is Invalid; `tracker` is then the state it keeps meanwhile (see
+    `kept_status`), whose counts, last match and deliveries are shown, or None.
+    """
     key = ALERT_KEY.format(f"{namespace}/{name}")
     status: dict[str, Any] = {"namespace": namespace, "name": name, "stream": stream}
-    if problem is not None:
-        status.update(state="Invalid", matches=0)
-        ready = conditions.ready(key, False, problem.reason, problem.message, generation, now)
-    else:
-        assert tracker is not None
+    if tracker is not None:
         status.update({k: tracker[k] for k in ALERT_STATUS_FIELDS if tracker.get(k) is not None})
+    if deliveries or problem is None:
         status["targets"] = [
             {"name": target} | {k: v for k, v in record.items() if k in TARGET_STATUS_FIELDS}
             for target, record in sorted(deliveries.items())
         ]
+    if problem is not None:
+        message = problem.message
+        if tracker is not None:
+            message += (
+                f" (kept meanwhile: state {tracker['state']}, {tracker['matches']} match(es))"
+            )
+        if tracker is not None:
+            status["keptState"] = tracker["state"]
+        status.update(state="Invalid", matches=status.get("matches", 0))
+        ready = conditions.ready(key, False, problem.reason, message, generation, now)
+    else:
+        assert tracker is not None
         message = f"rule active on stream {stream}; state {tracker['state']}"
         ready = conditions.ready(key, True, "RuleActive", message, generation, now)
     status["observedGeneration"] = generation

@@ -35,11 +35,29 @@ from auditwatch.rules.errors import RuleError
 from auditwatch.rules.parse import parse_rule
 
 SecretLookup = Callable[[str | None, str, str], str | None]
-"""(namespace, Secret name, key) -> the value, or None when the Secret or the key is missing.
+"""(namespace, Secret name, key) -> the value; SecretMissing (or None) when the Secret or the
+key is missing.
 
 A namespace of None means the source's own default: the operator's namespace in a cluster,
 `default` in standalone files.
 """
+
+
+class SecretMissing(Exception):
+    """Raised by a SecretLookup that can tell why a value is missing: the message names the
+    Secret with its namespace, and says whether the Secret or only the key is absent."""
+
+    @classmethod
+    def of(
+        cls, namespace: str, name: str, key: str, values: Mapping[str, str] | None, note: str = ""
+    ) -> SecretMissing:
+        """Why `key` of Secret `namespace/name` (whose values are `values`, None when the
+        Secret does not exist) cannot be read; `note` says where the namespace came from."""
+        secret = f"{namespace}/{name}"
+        if values is None:
+            return cls(f"Secret {secret!r} does not exist{note}")
+        return cls(f"Secret {secret!r} exists but has no key {key!r}{note}")
+
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 """Alertmanager (Prometheus) label names."""
@@ -96,7 +114,10 @@ def _duration(value: str, where: str) -> timedelta:
 
 def _secret(secrets: SecretLookup, namespace: str | None, name: str, key: str, where: str) -> str:
     """A Secret value, without the line break `kubectl create secret --from-file` often leaves."""
-    value = secrets(namespace, name, key)
+    try:
+        value = secrets(namespace, name, key)
+    except SecretMissing as missing:
+        raise ConfigError("SecretNotFound", f"{where}: {missing}") from None
     if value is None:
         secret = f"{namespace}/{name}" if namespace else name
         raise ConfigError("SecretNotFound", f"{where}: key {key!r} of Secret {secret!r} not found")

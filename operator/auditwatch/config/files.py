@@ -22,6 +22,7 @@ import yaml
 
 from auditwatch.config.build import (
     DEFAULT_NAMESPACE,
+    SecretMissing,
     build_alert,
     build_stream,
     check_stream,
@@ -54,6 +55,15 @@ _Loader.yaml_implicit_resolvers = {
     first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+
+
+# YAML 1.1's `=` (the "value" type), which kubectl's YAML reader takes as the string "=":
+# `kubectl kustomize` prints `operator: =` unquoted.
+def _value_as_string(loader: _Loader, node: yaml.Node) -> str:
+    return str(loader.construct_scalar(node))  # type: ignore[arg-type]
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", _value_as_string)
 
 
 class YamlFileError(Exception):
@@ -228,7 +238,11 @@ def assemble(files: dict[Path, list[Any]], errors: list[ResourceError]) -> Confi
         errors.extend(secret_errors)
 
     def lookup(namespace: str | None, name: str, key: str) -> str | None:
-        return secrets.get(f"{namespace or DEFAULT_NAMESPACE}/{name}", {}).get(key)
+        namespace = namespace or DEFAULT_NAMESPACE
+        values = secrets.get(f"{namespace}/{name}")
+        if values is None or key not in values:
+            raise SecretMissing.of(namespace, name, key, values)
+        return values[key]
 
     namespace_labels = {
         str(body["metadata"]["name"]): {str(k): str(v) for k, v in labels.items()}

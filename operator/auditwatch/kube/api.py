@@ -52,15 +52,15 @@ def load_configuration() -> Configuration:
     return configuration
 
 
-def default_namespace() -> str:
-    """The operator's namespace: $AUDITWATCH_NAMESPACE, the pod's own, or the kubeconfig's."""
+def operator_namespace(watched: list[str] | None = None) -> tuple[str, str]:
+    """The operator's namespace (its Lease, stream Secrets, stream Events) and where it came
+    from: $AUDITWATCH_NAMESPACE, else the first `--namespace`, else the kubeconfig's current
+    context (running from a laptop), else the pod's service account namespace, else `default`
+    (as kubectl would)."""
     if os.environ.get("AUDITWATCH_NAMESPACE"):
-        return os.environ["AUDITWATCH_NAMESPACE"]
-    try:
-        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as file:
-            return file.read().strip()
-    except OSError:
-        pass
+        return os.environ["AUDITWATCH_NAMESPACE"], "$AUDITWATCH_NAMESPACE"
+    if watched:
+        return watched[0], "the first --namespace"
     try:
         config_file = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
         _, context = kubernetes.config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
@@ -69,7 +69,14 @@ def default_namespace() -> str:
         namespace = (context or {}).get("context", {}).get("namespace")
     except (kubernetes.config.ConfigException, OSError):
         namespace = None
-    return str(namespace or "default")
+    if namespace:
+        return str(namespace), "the kubeconfig's current context"
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as file:
+            return file.read().strip(), "the pod's service account"
+    except OSError:
+        pass
+    return "default", "nothing else set it"
 
 
 class KubeApi:

@@ -9,6 +9,7 @@ labels, which may decide what a stream grants the alerts in them.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
@@ -24,6 +25,24 @@ RETRY_BACKOFF = 5.0
 """Seconds before kopf retries a handler that failed (an API error while reading a Secret)."""
 
 
+WATCH_HANDLERS = ("deleted", "secret")
+"""Handlers kopf runs for every watch event of their kind (not per change to reconcile)."""
+
+
+class QuietWatchHandlers(logging.Filter):
+    """Drops kopf's "Handler 'deleted' succeeded." lines of the watch-event handlers: they run
+    for every watch event of every resource (and every Secret), so the lines say nothing and
+    flood the log. Their failures are still logged."""
+
+    QUIET = frozenset(f"Handler {name!r} succeeded." for name in WATCH_HANDLERS)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or record.getMessage() not in self.QUIET
+
+
+QUIET_WATCH_HANDLERS = QuietWatchHandlers()
+
+
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """kopf's bookkeeping in annotations under auditwatch.dev/: never in `.status`, whose
     schema holds only what auditwatch reports (a real apiserver would prune kopf's fields)."""
@@ -32,6 +51,7 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
         prefix=PREFIX, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    logging.getLogger("kopf.objects").addFilter(QUIET_WATCH_HANDLERS)  # added once only
     return settings
 
 

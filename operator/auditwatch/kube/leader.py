@@ -80,7 +80,7 @@ class LeaderElection:
         """Wait until this replica holds the Lease (True) or `stop` is set (False)."""
         logged = False
         while not stop.is_set():
-            if await self._try_acquire_or_renew():
+            if await self._attempt(self.settings.renew_deadline):
                 logger.info(
                     "leader Lease %s acquired by %s", self.settings.name, self.settings.identity
                 )
@@ -95,19 +95,32 @@ class LeaderElection:
 
     async def keep(self, stop: asyncio.Event) -> None:
         """Renew until `stop` (returns) or until leadership is lost (returns too; check
-        `is_leader`)."""
+        `is_leader`).
+
+        As client-go: errors (the apiserver unreachable, 5xx) are retried every retry period,
+        and leadership is kept through them, for nobody else can take the Lease before it
+        expires; only once `renew_deadline` passed without a renewal (each attempt is cut off
+        at the deadline) does the holder step down. Another replica holding the Lease ends it
+        at once.
+        """
+        s = self.settings
         last_renewed = self._monotonic()
         while not stop.is_set():
-            if await pause(stop, self.settings.retry_period):
+            if await pause(stop, s.retry_period):
                 return
-            if await self._try_acquire_or_renew():
+            renewed = await self._attempt(s.renew_deadline - (self._monotonic() - last_renewed))
+            if renewed:
                 last_renewed = self._monotonic()
-            elif (
-                not self.is_leader
-                or self._monotonic() - last_renewed > self.settings.renew_deadline
-            ):
+            elif not self.is_leader:
+                logger.warning("leader Lease %s is held by another replica: stepping down", s.name)
+                return
+            elif self._monotonic() - last_renewed >= s.renew_deadline:
                 self.is_leader = False
-                logger.error("leader Lease %s lost", self.settings.name)
+                logger.error(
+                    "leader Lease %s not renewed for %.0f s: stepping down",
+                    s.name,
+                    s.renew_deadline,
+                )
                 return
 
     async def release(self) -> None:
@@ -133,6 +146,16 @@ class LeaderElection:
             logger.info("leader Lease %s released", self.settings.name)
         except ApiError as error:
             logger.warning("leader Lease %s not released: %s", self.settings.name, error)
+
+    async def _attempt(self, seconds: float) -> bool:
+        """One try to acquire or renew, given up after `seconds` (a connection that hangs must
+        not outlast the renew deadline, nor keep a standby from retrying)."""
+        try:
+            async with asyncio.timeout(max(seconds, 0.0)):
+                return await self._try_acquire_or_renew()
+        except TimeoutError:
+            logger.warning("leader Lease %s: no answer within %.1f s", self.settings.name, seconds)
+            return False
 
     async def _try_acquire_or_renew(self) -> bool:
         try:

@@ -4,10 +4,10 @@ Start-up: the receiver listens at once (liveness answers), the replica waits for
 and meanwhile forwards ingest requests to the leader's receiver (advertised on the Lease; ready
 while it knows one). As leader, it opens the data directory, lists every AuditStream and AuditAlert
 (readiness turns true once that configuration is applied and storage takes writes), and starts
-kopf, the engine's timers and the status writer. Shutdown (SIGTERM, kopf stopping, or the Lease
-lost) closes the receiver first, stops kopf, writes the status a last time, drains deliveries,
-flushes storage and releases the Lease. Losing the Lease ends the process with an error, so
-Kubernetes restarts it as a follower: two replicas never reconcile at once.
+kopf, the engine's timers and the status writer. Shutdown (SIGTERM, kopf stopping) closes the
+receiver first, stops kopf, writes the status a last time, drains deliveries, flushes storage and
+releases the Lease. Losing the Lease does the same but keeps the receiver: the replica steps down
+to a follower and waits for the Lease again, so two replicas never reconcile at once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aiohttp import web
 from auditwatch.config.model import StreamSpec
 from auditwatch.engine import Engine, utcnow
 from auditwatch.kube.aio import pause
-from auditwatch.kube.api import KubeApi, default_namespace
+from auditwatch.kube.api import KubeApi, operator_namespace
 from auditwatch.kube.handlers import Handlers, configure
 from auditwatch.kube.leader import LeaderElection, LeaseSettings
 from auditwatch.kube.source import KubeConfig, KubeSource
@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 LIST_RETRY_SECONDS = 5.0
 RECEIVER_SHUTDOWN_SECONDS = 10.0
 """How long requests in flight may take to finish on shutdown (within the pod's 30 s grace)."""
-
-
-class LeadershipLost(RuntimeError):
-    """Another replica holds the Lease now: this one must stop reconciling (and restart)."""
 
 
 class ReplicaIngestor:
@@ -156,7 +152,8 @@ async def run_operator(
     stop: asyncio.Event | None = None,
     started: asyncio.Future[Running] | None = None,
 ) -> None:
-    """Run until SIGTERM / SIGINT or `stop`; raise LeadershipLost if another replica took over.
+    """Run until SIGTERM / SIGINT or `stop`. A leader that loses the Lease steps down (state
+    saved, storage flushed) and waits for it again as a follower, forwarding ingest meanwhile.
 
     `namespaces`: watch AuditAlerts (and Secrets) of these only; all when empty. `started`, if
     given, gets the running parts once kopf is started (tests).
@@ -167,7 +164,16 @@ async def run_operator(
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    namespace = options.namespace or default_namespace()
+    if options.namespace:
+        namespace, where = options.namespace, "the options"
+    else:
+        namespace, where = operator_namespace(namespaces)
+    logger.info(
+        "operator namespace %r (from %s): the Lease, stream Secrets without a namespace, "
+        "Events about AuditStreams",
+        namespace,
+        where,
+    )
     ingestor = ReplicaIngestor()
     runner = Receiver(
         ingestor,
@@ -193,11 +199,31 @@ async def run_operator(
     )
     ingestor.election = election
     try:
-        if options.leader_election and not await election.acquire(stop):
-            return
-        await _lead(
-            data, namespaces, namespace, options, api, election, ingestor, runner, stop, started
-        )
+        while True:
+            if options.leader_election and not await election.acquire(stop):
+                return
+            term = asyncio.Event()
+            relay = asyncio.ensure_future(_relay(stop, term))
+            try:
+                await _lead(
+                    data,
+                    namespaces,
+                    namespace,
+                    options,
+                    api,
+                    election,
+                    ingestor,
+                    runner,
+                    term,
+                    started,
+                )
+            finally:
+                relay.cancel()
+            if stop.is_set() or not options.leader_election or election.is_leader:
+                return  # stopped, or kopf ended by itself: the process ends
+            # Stepped down (state saved, storage flushed): a follower again, forwarding ingest.
+            ingestor.waiting = "standby: stepped down, waiting for the leader Lease"
+            logger.warning("stepped down as leader: back to standby")
     finally:
         await _close_receiver(runner)
         await election.release()
@@ -217,6 +243,12 @@ def receiver_url(host: str, port: int) -> str | None:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+async def _relay(stop: asyncio.Event, term: asyncio.Event) -> None:
+    """Ends a term of leadership when the process stops."""
+    await stop.wait()
+    term.set()
+
+
 async def _lead(
     data: Path,
     namespaces: list[str],
@@ -229,7 +261,8 @@ async def _lead(
     stop: asyncio.Event,
     started: asyncio.Future[Running] | None,
 ) -> None:
-    """Everything the leader does, from opening the store to flushing it."""
+    """Everything the leader does in one term, from opening the store to flushing it: until
+    `stop` (set when the process stops), or until the Lease is lost (the receiver stays up)."""
     engine = Engine(data, notifier=Notifier(egress=options.egress))
     engine.metrics = ingestor.metrics
     writer: StatusWriter | None = None
@@ -241,6 +274,7 @@ async def _lead(
             config.invalid_alerts,
             config.problems,
             config.namespace_labels,
+            config.created,
         )
         if writer is not None:
             writer.poke()
@@ -302,16 +336,16 @@ async def _lead(
     finally:
         # Intake first, then timers, deliveries and storage, and kopf last: kopf's shutdown
         # cancels tasks it did not start, deliveries in flight among them.
+        stopping = election.is_leader or not options.leader_election
         stop.set()
-        await _close_receiver(runner)
+        if stopping:
+            await _close_receiver(runner)
         await asyncio.gather(*(t for t in tasks if t is not kopf_task), return_exceptions=True)
         ingestor.engine = None
         await engine.close()
         kopf_stop.set()
         if kopf_task is not None:
             await asyncio.gather(kopf_task, return_exceptions=True)
-    if options.leader_election and not election.is_leader:
-        raise LeadershipLost("the leader Lease was lost to another replica")
 
 
 async def _initial_listing(

@@ -16,12 +16,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from auditwatch.config.build import DEFAULT_NAMESPACE, build_alert, build_stream, invalid_alert
+from auditwatch.config.build import (
+    DEFAULT_NAMESPACE,
+    SecretMissing,
+    build_alert,
+    build_stream,
+    invalid_alert,
+)
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.config.schema import KINDS
 
@@ -111,6 +119,8 @@ class KubeConfig:
     """Secrets some resource looked up that were never fetched: resolve them and build again."""
     namespace_labels: dict[str, dict[str, str]]
     """Every namespace's labels, for streams that admit alerts by namespace selector."""
+    created: dict[str, datetime]
+    """metadata.creationTimestamp of the streams (by name) and alerts (by key)."""
 
     @property
     def problems(self) -> list[str]:
@@ -146,6 +156,8 @@ class ResourceCache:
         self.observed: dict[tuple[str, str], Observed] = {}
         """Each resource's uid and status as last received, for the status writer."""
         self.namespace_labels: dict[str, dict[str, str]] = {}
+        self.created: dict[str, datetime] = {}
+        """Streams' (by name) and alerts' (by key) metadata.creationTimestamp."""
 
     def put(self, resource: Mapping[str, Any]) -> bool:
         """Cache a created / changed / resumed resource; True if its meaning may have changed."""
@@ -154,6 +166,10 @@ class ResourceCache:
         self.observed[kind_key] = Observed(
             str(metadata.get("uid") or ""), plain(resource.get("status") or {})
         )
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            self.created[kind_key[1]] = datetime.fromisoformat(
+                str(metadata["creationTimestamp"]).replace("Z", "+00:00")
+            )
         body = essence(resource)
         if self._bodies.get(kind_key) == body:
             return False
@@ -166,6 +182,7 @@ class ResourceCache:
         kind_key = resource_key(resource)
         self._built.pop(kind_key, None)
         self.observed.pop(kind_key, None)
+        self.created.pop(kind_key[1], None)
         return self._bodies.pop(kind_key, None) is not None
 
     def bodies(self) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -236,6 +253,7 @@ class ResourceCache:
             invalid_streams,
             frozenset(unknown),
             dict(self.namespace_labels),
+            dict(self.created),
         )
 
     def _build_one(self, kind: str, body: dict[str, Any]) -> _Built:
@@ -245,7 +263,10 @@ class ResourceCache:
             secret_key = (namespace or self.default_namespace, name)
             used.add(secret_key)
             values = self._secrets.get(secret_key)
-            return None if values is None else values.get(key)
+            if values is None or key not in values:
+                note = "" if namespace else " (the operator's namespace: the reference names none)"
+                raise SecretMissing.of(*secret_key, key, values, note)
+            return values[key]
 
         try:
             spec: StreamSpec | AlertSpec = (

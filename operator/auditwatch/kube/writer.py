@@ -13,24 +13,35 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from auditwatch.config.model import StreamSpec
 from auditwatch.engine import Engine, utcnow
 from auditwatch.kube.aio import pause
 from auditwatch.kube.api import GROUP, VERSION, ApiError, KubeApi
-from auditwatch.kube.source import KubeSource
+from auditwatch.kube.source import KubeSource, resource_key
 from auditwatch.status import Conditions, iso, stream_status
 
 logger = logging.getLogger(__name__)
 
-API_STATUS_ONLY_KEYS = ("namespace", "name", "stream", "since")
+API_STATUS_ONLY_KEYS = ("namespace", "name", "stream", "since", "keptState")
 """Keys of /api/v1/status entries that the custom resources' status schema does not have."""
+
+KEPT_WHILE_INVALID = ("targets",)
+"""Status fields an Invalid alert keeps as written when the engine has nothing to say of them
+(delivery records live in memory only: after a restart they are known from the object alone)."""
 
 EVENT_MESSAGE_LIMIT = 1024
 
+COUNT_FIELDS = frozenset({"eventsReceived", "lastEventTime"})
+"""An AuditStream's status fields that only count: a change of these alone is written at most
+every `counts_interval` (the first after a quiet spell at once). A stream that receives the
+operator's own API calls (its status patches are audit events too) would otherwise be patched
+every interval on an idle cluster."""
+
 Clock = Callable[[], datetime]
+MIN_TIME = datetime.min.replace(tzinfo=UTC)
 
 
 def ready_condition(status: dict[str, Any]) -> dict[str, Any]:
@@ -52,6 +63,7 @@ class StatusWriter:
         events_namespace: str,
         reporter: str,
         interval: float = 2.0,
+        counts_interval: float = 30.0,
         clock: Clock = utcnow,
     ) -> None:
         self.api = api
@@ -66,6 +78,12 @@ class StatusWriter:
         self._written: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         """(kind, key) -> (uid, status) as last patched by this process."""
         self._wakeup = asyncio.Event()
+        self.counts_interval = timedelta(seconds=counts_interval)
+        self._counted: dict[tuple[str, str], datetime] = {}
+        """(kind, key) -> when a patch of counts alone was last sent."""
+        self._kept: dict[tuple[str, str], str] = {}
+        """(kind, key) -> the state an Invalid alert keeps: back from Invalid it continues in
+        it, which is no new firing (nor, if it was Resolved, a resolve)."""
 
     def poke(self) -> None:
         """Write soon (the configuration changed), still no more often than the interval."""
@@ -117,16 +135,25 @@ class StatusWriter:
                 desired = engine_status["alerts"].get(key)
             if desired is None:
                 continue  # not applied yet: the next round has it
+            if desired.get("keptState"):
+                self._kept[(kind, key)] = desired["keptState"]
             desired = _without_nulls(
                 {k: v for k, v in desired.items() if k not in API_STATUS_ONLY_KEYS}
             )
             written = self._written.get((kind, key))
             previous = written[1] if written and written[0] == observed.uid else observed.status
+            if desired.get("state") == "Invalid":
+                kept = {k: previous[k] for k in KEPT_WHILE_INVALID if k in previous}
+                desired = {**kept, **desired}
             desired = _keep_transition_time(previous, desired, now)
             patch = _merge_patch(previous, desired)
             if not patch:
                 self._written[(kind, key)] = (observed.uid, desired)
                 continue
+            counts_only = set(patch) <= COUNT_FIELDS
+            last_counted = self._counted.get((kind, key), MIN_TIME)
+            if counts_only and now - last_counted < self.counts_interval:
+                continue  # nothing but counts changed, and such a write was made a moment ago
             namespace = body["metadata"].get("namespace") if kind == "AuditAlert" else None
             name = body["metadata"]["name"]
             try:
@@ -137,9 +164,13 @@ class StatusWriter:
                 continue
             patched += 1
             self._written[(kind, key)] = (observed.uid, desired)
+            if counts_only:
+                self._counted[(kind, key)] = now
             await self._post_transition_events(kind, body, observed.uid, previous, desired)
         live = {(kind, key) for kind, key, _ in self.cache.bodies()}
         self._written = {k: v for k, v in self._written.items() if k in live}
+        self._kept = {k: v for k, v in self._kept.items() if k in live}
+        self._counted = {k: v for k, v in self._counted.items() if k in live}
         return patched
 
     def _invalid_stream_status(
@@ -174,6 +205,8 @@ class StatusWriter:
             events.append(("Normal", "Valid", str(now.get("message"))))
         if kind == "AuditAlert":
             state, before = current.get("state"), previous.get("state")
+            if before == "Invalid":  # back from Invalid: it continues in the state it kept
+                before = self._kept.pop(resource_key(body), before)
             if state == "Firing" and before != "Firing":
                 events.append(("Normal", "Firing", _firing_message(current)))
             elif state == "Resolved" and before == "Firing":
@@ -266,9 +299,16 @@ def _keep_transition_time(
 
 
 def _merge_patch(previous: dict[str, Any], desired: dict[str, Any]) -> dict[str, Any]:
-    """The merge-patch of `.status` from previous to desired (None deletes a field)."""
-    patch: dict[str, Any] = {
-        key: value for key, value in desired.items() if previous.get(key) != value
-    }
+    """The merge-patch (RFC 7386) of `.status` from previous to desired: None deletes a field,
+    also inside an object (a `lastMatch` without `namespace` must not keep the previous one)."""
+    patch: dict[str, Any] = {}
+    for key, value in desired.items():
+        was = previous.get(key)
+        if was == value:
+            continue
+        if isinstance(value, dict) and isinstance(was, dict):
+            patch[key] = _merge_patch(was, value)
+        else:
+            patch[key] = value
     patch.update({key: None for key in previous if key not in desired})
     return patch
