@@ -123,7 +123,7 @@ class OperatorOptions:
         )
     )
     namespace: str | None = None
-    """The operator's namespace (Lease, stream Secrets, stream Events); default: detected."""
+    """The operator's namespace (Lease, stream Secrets); default: detected."""
     advertise_url: str | None = None
     """The receiver's URL as other replicas reach it (forwarding); default: see receiver_url."""
     kopf_settings: kopf.OperatorSettings | None = None
@@ -238,7 +238,6 @@ async def _lead(
         api,
         source,
         engine,
-        events_namespace=namespace,
         reporter=options.identity,
         interval=options.status_interval,
     )

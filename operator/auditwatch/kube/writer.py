@@ -29,6 +29,10 @@ API_STATUS_ONLY_KEYS = ("namespace", "name", "stream", "since")
 """Keys of /api/v1/status entries that the custom resources' status schema does not have."""
 
 EVENT_MESSAGE_LIMIT = 1024
+CLUSTER_EVENTS_NAMESPACE = "default"
+"""Where Events about cluster-scoped objects (AuditStreams) must go: the apiserver refuses (422)
+an Event whose namespace differs from its involved object's, and for a cluster-scoped object
+only `default` is accepted (as for Nodes and Namespaces)."""
 
 Clock = Callable[[], datetime]
 
@@ -49,7 +53,6 @@ class StatusWriter:
         source: KubeSource,
         engine: Engine,
         *,
-        events_namespace: str,
         reporter: str,
         interval: float = 2.0,
         clock: Clock = utcnow,
@@ -58,8 +61,6 @@ class StatusWriter:
         self.source = source
         self.cache = source.cache
         self.engine = engine
-        self.events_namespace = events_namespace
-        """Where Events about cluster-scoped AuditStreams go: the operator's namespace."""
         self.reporter = reporter
         self.interval = interval
         self.clock = clock
@@ -193,7 +194,7 @@ class StatusWriter:
             "name": metadata["name"],
             "uid": uid,
         }
-        namespace = self.events_namespace
+        namespace = CLUSTER_EVENTS_NAMESPACE
         if kind == "AuditAlert":
             namespace = involved["namespace"] = metadata.get("namespace") or "default"
         now = iso(self.clock())
