@@ -35,6 +35,38 @@ DECODE_WORKERS = click.option(
 )
 
 
+TLS_CERT = click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this certificate (PEM; e.g. tls.crt of a mounted kubernetes.io/tls "
+    "Secret), reloaded when the file changes. Needs --tls-key.",
+)
+TLS_KEY = click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's private key (PEM; tls.key), reloaded with it.",
+)
+
+
+def server_tls(cert: Path | None, key: Path | None) -> Any:
+    """The receiver's ServerTLS for --tls-cert / --tls-key (None: plain HTTP); exit 2 if only
+    one is given or they do not load."""
+    from auditwatch.tls import ServerTLS, TLSError
+
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        fail("--tls-cert and --tls-key go together", 2)
+        return None
+    try:
+        return ServerTLS(cert, key)
+    except TLSError as error:
+        fail(str(error), 2)
+        return None
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"auditwatch: {message}", err=True)
     sys.exit(code)
@@ -117,17 +149,33 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, type=int, show_default=True)
 @DECODE_WORKERS
+@TLS_CERT
+@TLS_KEY
 @click.option("--log-level", default="info", show_default=True)
 def serve(
-    resources: Path, data: Path, host: str, port: int, decode_workers: int, log_level: str
+    resources: Path,
+    data: Path,
+    host: str,
+    port: int,
+    decode_workers: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    log_level: str,
 ) -> None:
-    """Standalone: receive, store and alert with resources from YAML files, no cluster."""
+    """Standalone: receive, store and alert with resources from YAML files, no cluster.
+
+    Plain HTTP unless --tls-cert / --tls-key are given (the apiserver's audit webhook sends its
+    credentials only over HTTPS).
+    """
     from auditwatch.serve import serve as run_serve
     from auditwatch.store import StoreLocked
 
     setup_logging(log_level)
+    tls = server_tls(tls_cert, tls_key)
     try:
-        asyncio.run(run_serve(resources, data, host=host, port=port, decode_workers=decode_workers))
+        asyncio.run(
+            run_serve(resources, data, host=host, port=port, decode_workers=decode_workers, tls=tls)
+        )
     except StoreLocked as error:
         fail(str(error))
     except OSError as error:  # the port is taken, the data directory cannot be created, ...
@@ -140,6 +188,8 @@ def serve(
 @click.option("--port", default=8000, type=int, show_default=True)
 @click.option("--namespace", "namespaces", multiple=True, help="Watch only these (default: all).")
 @DECODE_WORKERS
+@TLS_CERT
+@TLS_KEY
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -147,12 +197,19 @@ def run(
     port: int,
     namespaces: tuple[str, ...],
     decode_workers: int,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_level: str,
 ) -> None:
-    """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
+    """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver.
+
+    In a cluster, serve HTTPS (--tls-cert / --tls-key from a mounted kubernetes.io/tls Secret):
+    the apiserver's audit webhook sends its token or client certificate only over TLS.
+    """
     from auditwatch.kube.operator import LeadershipLost, run_operator
 
     setup_logging(log_level)
+    tls = server_tls(tls_cert, tls_key)
     try:
         asyncio.run(
             run_operator(
@@ -161,6 +218,7 @@ def run(
                 port=port,
                 namespaces=list(namespaces),
                 decode_workers=decode_workers,
+                tls=tls,
             )
         )
     except LeadershipLost as error:  # the Deployment restarts this replica as a standby

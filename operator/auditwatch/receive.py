@@ -39,6 +39,7 @@ from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_JSON
 from auditwatch.store import StorageUnavailable
 from auditwatch.store.wal import batch_message, encode_table, read_table
+from auditwatch.tls import client_certificate_problem
 from auditwatch.workers import WorkerDied, WorkerPool
 
 RETRY_AFTER_SECONDS = 5
@@ -99,9 +100,19 @@ def json_response(
     )
 
 
-def check_auth(auth: IngestAuth | None, header: str | None) -> None:
-    """Raise Rejected unless the Authorization header carries the stream's credentials."""
+def check_auth(
+    auth: IngestAuth | None, header: str | None, certificate: bytes | None = None
+) -> None:
+    """Raise Rejected unless the Authorization header (or the TLS client `certificate`, DER)
+    carries the stream's credentials."""
     if auth is None:
+        return
+    if auth.client_certificate is not None:
+        problem = client_certificate_problem(auth.client_certificate, certificate)
+        if problem is not None:
+            if certificate is None:
+                raise Rejected(401, "unauthenticated", problem)
+            raise Rejected(403, "forbidden", problem)
         return
     scheme_name = "Bearer" if auth.bearer_token is not None else "Basic"
     challenge = {"WWW-Authenticate": f'{scheme_name} realm="auditwatch"'}
@@ -122,6 +133,12 @@ def check_auth(auth: IngestAuth | None, header: str | None) -> None:
         if user_ok and password_ok:
             return
     raise Rejected(403, "forbidden", "wrong credentials for this stream")
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    """The client's certificate (DER) if it sent one over HTTPS; the TLS layer verified it."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -294,7 +311,7 @@ class Receiver:
             if stream is None:
                 raise Rejected(404, "unknown_stream", f"no AuditStream named {name!r}")
             label = name
-            check_auth(stream.auth, request.headers.get("Authorization"))
+            check_auth(stream.auth, request.headers.get("Authorization"), peer_certificate(request))
             if self.in_flight.locked():
                 raise Rejected(
                     503,

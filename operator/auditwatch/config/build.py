@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from auditwatch.config import schema
 from auditwatch.config.model import (
     AlertSpec,
+    ClientCertificateAuth,
     ConfigError,
     IngestAuth,
     InvalidAlert,
@@ -103,6 +104,8 @@ def build_stream(resource: Mapping[str, Any], secrets: SecretLookup) -> StreamSp
         auth = IngestAuth(
             bearer_token=_secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
         )
+    elif (client := spec.get("auth", {}).get("clientCertificate")) is not None:
+        auth = IngestAuth(client_certificate=_client_certificate(client, secrets))
     retention = spec.get("retention")
     limits = spec["limits"]
     return StreamSpec(
@@ -112,6 +115,28 @@ def build_stream(resource: Mapping[str, Any], secrets: SecretLookup) -> StreamSp
         max_body_bytes=limits["maxBodyBytes"],
         max_event_bytes=limits["maxEventBytes"],
         generation=stream["metadata"].get("generation", 1),
+    )
+
+
+def _client_certificate(spec: dict[str, Any], secrets: SecretLookup) -> ClientCertificateAuth:
+    """The CA bundle (PEM, from a Secret) and the allowed common names of client-cert auth."""
+    from auditwatch.tls import load_authorities
+
+    ref = spec["secretRef"]
+    where = "spec.auth.clientCertificate.secretRef"
+    pem = _secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
+    try:
+        authorities = load_authorities(pem)
+    except ValueError as error:
+        raise ConfigError(
+            "InvalidSpec",
+            f"{where}: key {ref['key']!r} of Secret {ref['name']!r} does not hold PEM "
+            f"CA certificates ({error})",
+        ) from None
+    return ClientCertificateAuth(
+        authorities=authorities,
+        authorities_pem=pem,
+        common_names=frozenset(spec.get("commonNames", [])),
     )
 
 

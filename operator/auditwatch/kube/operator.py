@@ -37,6 +37,8 @@ from auditwatch.kube.writer import StatusWriter
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
 from auditwatch.receive import RETRY_HEADERS, Receiver, Rejected
+from auditwatch.serve import trust_stream_clients
+from auditwatch.tls import ServerTLS
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ async def run_operator(
     port: int,
     namespaces: list[str],
     decode_workers: int = 0,
+    tls: ServerTLS | None = None,
     options: OperatorOptions | None = None,
     stop: asyncio.Event | None = None,
     started: asyncio.Future[Running] | None = None,
@@ -154,7 +157,8 @@ async def run_operator(
     """Run until SIGTERM / SIGINT or `stop`; raise LeadershipLost if another replica took over.
 
     `namespaces`: watch AuditAlerts (and Secrets) of these only; all when empty. `started`, if
-    given, gets the running parts once kopf is started (tests).
+    given, gets the running parts once kopf is started (tests). With `tls`, the receiver
+    serves HTTPS and follows the certificate files for rotation.
     """
     options = options or OperatorOptions()
     stop = stop or asyncio.Event()
@@ -170,8 +174,9 @@ async def run_operator(
         shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS,
     )
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    logger.info("receiving on http://%s:%d", host, port)
+    await web.TCPSite(runner, host, port, ssl_context=None if tls is None else tls.context).start()
+    logger.info("receiving on %s://%s:%d", "http" if tls is None else "https", host, port)
+    tls_task = None if tls is None else asyncio.create_task(tls.follow(stop), name="tls")
     api = KubeApi.from_environment()
     election = LeaderElection(
         api,
@@ -190,9 +195,22 @@ async def run_operator(
         if options.leader_election and not await election.acquire(stop):
             return
         await _lead(
-            data, namespaces, namespace, options, api, election, ingestor, runner, stop, started
+            data,
+            namespaces,
+            namespace,
+            options,
+            api,
+            election,
+            ingestor,
+            runner,
+            stop,
+            started,
+            tls,
         )
     finally:
+        if tls_task is not None:
+            tls_task.cancel()
+            await asyncio.gather(tls_task, return_exceptions=True)
         await _close_receiver(runner)
         await election.release()
         await api.close()
@@ -222,6 +240,7 @@ async def _lead(
     runner: web.AppRunner,
     stop: asyncio.Event,
     started: asyncio.Future[Running] | None,
+    tls: ServerTLS | None,
 ) -> None:
     """Everything the leader does, from opening the store to flushing it."""
     engine = Engine(data)
@@ -229,6 +248,7 @@ async def _lead(
     writer: StatusWriter | None = None
 
     def apply(config: KubeConfig) -> None:
+        trust_stream_clients(tls, config.streams)
         engine.apply(config.streams, config.alerts, config.invalid_alerts, config.problems)
         if writer is not None:
             writer.poke()
