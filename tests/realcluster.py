@@ -136,7 +136,7 @@ class Cluster:
         )["items"]
         return items
 
-    def wait_for(self, what: str, probe: Callable[[], T | None], timeout: float = 30) -> T:
+    def wait_for(self, what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
         """The first truthy value of `probe`, polled; AssertionError naming `what` after
         `timeout` seconds (with the operator's last log lines)."""
         deadline = time.monotonic() + timeout
@@ -154,7 +154,7 @@ class Cluster:
         what: str,
         predicate: Callable[[dict[str, Any]], bool],
         *args: str,
-        timeout: float = 30,
+        timeout: float = 60,
     ) -> dict[str, Any]:
         """`kubectl get ARGS` once `predicate` holds for it."""
 
