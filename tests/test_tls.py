@@ -14,6 +14,8 @@ import yaml
 from tests.certs import CA
 from tests.e2e_support import free_port
 
+from auditwatch.config.build import build_stream
+from auditwatch.config.model import ConfigError
 from auditwatch.serve import serve
 from auditwatch.tls import ServerTLS, TLSError
 
@@ -160,3 +162,19 @@ def test_a_key_that_does_not_match_is_refused_and_the_old_pair_stays(tmp_path: P
         tls.reload()
     with pytest.raises(TLSError, match=r"missing\.crt"):
         ServerTLS(tmp_path / "missing.crt", key)
+
+
+def test_a_ca_bundle_without_a_certificate_makes_the_stream_invalid() -> None:
+    resource = {
+        "apiVersion": "auditwatch.dev/v1alpha1",
+        "kind": "AuditStream",
+        "metadata": {"name": "by-cert"},
+        "spec": {"auth": {"clientCertificate": {"secretRef": {"name": "ca"}}}},
+    }
+    with pytest.raises(ConfigError, match="does not hold PEM CA certificates") as error:
+        build_stream(resource, lambda namespace, name, key: "not a certificate")
+    assert error.value.reason == "InvalidSpec"
+    ca = CA()
+    stream = build_stream(resource, lambda namespace, name, key: ca.pem.decode())
+    assert stream.auth is not None and stream.auth.client_certificate is not None
+    assert stream.auth.client_certificate.authorities == (ca.certificate,)
