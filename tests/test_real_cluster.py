@@ -10,8 +10,12 @@ skip fails instead (tests/conftest.py).
 from __future__ import annotations
 
 import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -259,3 +263,57 @@ def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
 def test_the_operator_ran_without_permission_errors(seed: Cluster) -> None:
     log = seed.operator_log.read_text()
     assert "forbidden" not in log.lower(), log[-3000:]
+
+
+def test_a_stream_authenticated_by_client_certificate(cluster: Cluster) -> None:
+    """The CRD takes spec.auth.clientCertificate, the operator reads the CA Secret with its RBAC,
+    and the receiver accepts a certificate of that CA (and no other common name)."""
+    pem = cluster.ca.pem.decode().replace("\n", "\n    ")
+    cluster.apply(f"""
+apiVersion: v1
+kind: Secret
+metadata:
+  name: senders-ca
+  namespace: auditwatch
+stringData:
+  ca.crt: |
+    {pem}
+---
+apiVersion: auditwatch.dev/v1alpha1
+kind: AuditStream
+metadata:
+  name: by-cert
+spec:
+  auth:
+    clientCertificate:
+      secretRef: {{name: senders-ca}}
+      commonNames: [kube-apiserver]
+""")
+    cluster.wait_for_object(
+        "by-cert Ready", lambda s: ready(s).get("status") == "True", "auditstream", "by-cert"
+    )
+    directory = cluster.root / "clients"
+    directory.mkdir()
+    good = cluster.ca.issue("kube-apiserver", server=False).write(directory, "good")
+    other = cluster.ca.issue("someone", server=False).write(directory, "other")
+
+    def post(cert: tuple[Path, Path] | None) -> int:
+        context = ssl.create_default_context(cadata=cluster.ca.pem.decode())
+        if cert is not None:
+            context.load_cert_chain(*cert)
+        request = urllib.request.Request(
+            f"{cluster.receiver_url}/api/v1/logstream/by-cert",
+            data=json.dumps(
+                {"kind": "EventList", "apiVersion": "audit.k8s.io/v1", "items": []}
+            ).encode(),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert post(good) == 200
+    assert post(other) == 403
+    assert post(None) == 401
