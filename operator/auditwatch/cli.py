@@ -115,6 +115,38 @@ def egress_policy(allow: tuple[str, ...], deny: tuple[str, ...]) -> EgressPolicy
     return policy
 
 
+TLS_CERT = click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Serve HTTPS with this certificate (PEM; e.g. tls.crt of a mounted kubernetes.io/tls "
+    "Secret), reloaded when the file changes. Needs --tls-key.",
+)
+TLS_KEY = click.option(
+    "--tls-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The certificate's private key (PEM; tls.key), reloaded with it.",
+)
+
+
+def server_tls(cert: Path | None, key: Path | None) -> Any:
+    """The receiver's ServerTLS for --tls-cert / --tls-key (None: plain HTTP); exit 2 if only
+    one is given or they do not load."""
+    from auditwatch.tls import ServerTLS, TLSError
+
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        fail("--tls-cert and --tls-key go together", 2)
+        return None
+    try:
+        return ServerTLS(cert, key)
+    except TLSError as error:
+        fail(str(error), 2)
+        return None
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"auditwatch: {message}", err=True)
     sys.exit(code)
@@ -200,6 +232,8 @@ def test_rule(rule: str, files: tuple[Path, ...], rule_type: str, count: bool) -
 @receiver_flags
 @EGRESS_ALLOW
 @EGRESS_DENY
+@TLS_CERT
+@TLS_KEY
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     resources: Path,
@@ -212,15 +246,22 @@ def serve(
     status_token: str | None,
     egress_allow: tuple[str, ...],
     egress_deny: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_level: str,
 ) -> None:
-    """Standalone: receive, store and alert with resources from YAML files, no cluster."""
+    """Standalone: receive, store and alert with resources from YAML files, no cluster.
+
+    Plain HTTP unless --tls-cert / --tls-key are given (the apiserver's audit webhook sends its
+    credentials only over HTTPS).
+    """
     from auditwatch.serve import serve as run_serve
     from auditwatch.store import StoreLocked
 
     setup_logging(log_level)
     options = receiver_options(header_timeout, body_timeout, status_token)
     egress = egress_policy(egress_allow, egress_deny)
+    tls = server_tls(tls_cert, tls_key)
     try:
         asyncio.run(
             run_serve(
@@ -231,6 +272,7 @@ def serve(
                 decode_workers=decode_workers,
                 options=options,
                 egress=egress,
+                tls=tls,
             )
         )
     except StoreLocked as error:
@@ -256,6 +298,8 @@ def serve(
 @receiver_flags
 @EGRESS_ALLOW
 @EGRESS_DENY
+@TLS_CERT
+@TLS_KEY
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -268,13 +312,20 @@ def run(
     status_token: str | None,
     egress_allow: tuple[str, ...],
     egress_deny: tuple[str, ...],
+    tls_cert: Path | None,
+    tls_key: Path | None,
     log_level: str,
 ) -> None:
-    """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver."""
+    """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver.
+
+    In a cluster, serve HTTPS (--tls-cert / --tls-key from a mounted kubernetes.io/tls Secret):
+    the apiserver's audit webhook sends its token or client certificate only over TLS.
+    """
     from auditwatch.kube.operator import OperatorOptions, run_operator
 
     setup_logging(log_level)
     egress = egress_policy(egress_allow, egress_deny)
+    tls = server_tls(tls_cert, tls_key)
     asyncio.run(
         run_operator(
             data,
@@ -284,6 +335,7 @@ def run(
             decode_workers=decode_workers,
             receiver_options=receiver_options(header_timeout, body_timeout, status_token),
             options=OperatorOptions(egress=egress),
+            tls=tls,
         )
     )
 

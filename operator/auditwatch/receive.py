@@ -47,6 +47,7 @@ from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_JSON
 from auditwatch.store import StorageUnavailable
 from auditwatch.store.wal import batch_message, encode_table, read_table
+from auditwatch.tls import client_certificate_problem
 from auditwatch.workers import WorkerDied, WorkerPool
 
 RETRY_AFTER_SECONDS = 5
@@ -211,10 +212,19 @@ def presented_credentials(header: str | None) -> tuple[str, str]:
     return scheme, credentials
 
 
-def check_auth(auth: IngestAuth | None, header: str | None) -> None:
-    """Raise Rejected unless the Authorization header carries the stream's credentials: 401
-    without credentials, 403 with others."""
+def check_auth(
+    auth: IngestAuth | None, header: str | None, certificate: bytes | None = None
+) -> None:
+    """Raise Rejected unless the Authorization header (or the TLS client `certificate`, DER)
+    carries the stream's credentials: 401 without credentials, 403 with others."""
     if auth is None:
+        return
+    if auth.client_certificate is not None:
+        problem = client_certificate_problem(auth.client_certificate, certificate)
+        if problem is not None:
+            if certificate is None:
+                raise Rejected(401, "unauthenticated", problem)
+            raise Rejected(403, "forbidden", problem)
         return
     scheme, credentials = presented_credentials(header)
     if auth.bearer_token is not None and scheme == "bearer":
@@ -247,6 +257,12 @@ def is_loopback(address: str | None) -> bool:
         return False
     mapped = getattr(ip, "ipv4_mapped", None)
     return bool((mapped or ip).is_loopback)
+
+
+def peer_certificate(request: web.Request) -> bytes | None:
+    """The client's certificate (DER) if it sent one over HTTPS; the TLS layer verified it."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    return None if ssl_object is None else ssl_object.getpeercert(binary_form=True)
 
 
 async def read_body(
@@ -441,7 +457,7 @@ class Receiver:
             if stream is None:
                 refuse_unknown_stream(authorization)
             label = name
-            check_auth(stream.auth, authorization)
+            check_auth(stream.auth, authorization, peer_certificate(request))
             body = await read_body(request, stream, self.options.body_timeout, self.reading)
             if not self.in_flight.take(name, 1):
                 raise Rejected(

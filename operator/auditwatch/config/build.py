@@ -21,6 +21,7 @@ from auditwatch.config.model import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from auditwatch.config.model import (
     AlertGrant,
     AlertSpec,
+    ClientCertificateAuth,
     ConfigError,
     IngestAuth,
     InvalidAlert,
@@ -150,6 +151,8 @@ def build_stream(
         auth = IngestAuth(
             bearer_token=_secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
         )
+    elif (client := spec.get("auth", {}).get("clientCertificate")) is not None:
+        auth = IngestAuth(client_certificate=_client_certificate(client, secrets))
     retention = spec.get("retention")
     limits = spec["limits"]
     return StreamSpec(
@@ -187,6 +190,28 @@ def _grant(allowed: Mapping[str, Any], home: str) -> AlertGrant:
         )
 
     return AlertGrant(namespaces("namespaces"), namespaces("clusterWide"))
+
+
+def _client_certificate(spec: dict[str, Any], secrets: SecretLookup) -> ClientCertificateAuth:
+    """The CA bundle (PEM, from a Secret) and the allowed common names of client-cert auth."""
+    from auditwatch.tls import load_authorities
+
+    ref = spec["secretRef"]
+    where = "spec.auth.clientCertificate.secretRef"
+    pem = _secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
+    try:
+        authorities = load_authorities(pem)
+    except ValueError as error:
+        raise ConfigError(
+            "InvalidSpec",
+            f"{where}: key {ref['key']!r} of Secret {ref['name']!r} does not hold PEM "
+            f"CA certificates ({error})",
+        ) from None
+    return ClientCertificateAuth(
+        authorities=authorities,
+        authorities_pem=pem,
+        common_names=frozenset(spec.get("commonNames", [])),
+    )
 
 
 def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec:

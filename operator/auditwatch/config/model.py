@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
+from cryptography import x509
+
 from auditwatch.rules.ast import Rule
 
 TargetType = Literal["webhook", "slack", "alertmanager"]
@@ -44,12 +46,25 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class ClientCertificateAuth:
+    """A stream's client-certificate auth: certificates issued by one of `authorities` (and,
+    when `common_names` is not empty, with one of these subject common names)."""
+
+    authorities: tuple[x509.Certificate, ...]
+    authorities_pem: str
+    """The bundle as given, for the TLS layer's trust store (`tls.ServerTLS.trust_clients`)."""
+    common_names: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class IngestAuth:
-    """Credentials a sender must present to a stream: basic auth, or a bearer token."""
+    """Credentials a sender must present to a stream: basic auth, a bearer token, or a client
+    certificate (over HTTPS)."""
 
     username: str | None = None
     password: str | None = None
     bearer_token: str | None = None
+    client_certificate: ClientCertificateAuth | None = None
 
 
 NamespaceSource = Literal["All", "Same", "Selector", "None"]

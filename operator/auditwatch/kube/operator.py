@@ -39,6 +39,8 @@ from auditwatch.normalise import EventBatch
 from auditwatch.notify import Notifier
 from auditwatch.notify.egress import EgressPolicy
 from auditwatch.receive import RETRY_HEADERS, Receiver, ReceiverOptions, Rejected
+from auditwatch.serve import trust_stream_clients
+from auditwatch.tls import ServerTLS
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +123,7 @@ class OperatorOptions:
         )
     )
     namespace: str | None = None
-    """The operator's namespace (Lease, stream Secrets, stream Events); default: detected."""
+    """The operator's namespace (Lease, stream Secrets); default: detected."""
     advertise_url: str | None = None
     """The receiver's URL as other replicas reach it (forwarding); default: see receiver_url."""
     kopf_settings: kopf.OperatorSettings | None = None
@@ -148,6 +150,7 @@ async def run_operator(
     namespaces: list[str],
     decode_workers: int = 0,
     receiver_options: ReceiverOptions | None = None,
+    tls: ServerTLS | None = None,
     options: OperatorOptions | None = None,
     stop: asyncio.Event | None = None,
     started: asyncio.Future[Running] | None = None,
@@ -156,7 +159,8 @@ async def run_operator(
     saved, storage flushed) and waits for it again as a follower, forwarding ingest meanwhile.
 
     `namespaces`: watch AuditAlerts (and Secrets) of these only; all when empty. `started`, if
-    given, gets the running parts once kopf is started (tests).
+    given, gets the running parts once kopf is started (tests). With `tls`, the receiver
+    serves HTTPS and follows the certificate files for rotation.
     """
     options = options or OperatorOptions()
     stop = stop or asyncio.Event()
@@ -182,8 +186,9 @@ async def run_operator(
         options=receiver_options,
     ).runner(shutdown_timeout=RECEIVER_SHUTDOWN_SECONDS)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    logger.info("receiving on http://%s:%d", host, port)
+    await web.TCPSite(runner, host, port, ssl_context=None if tls is None else tls.context).start()
+    logger.info("receiving on %s://%s:%d", "http" if tls is None else "https", host, port)
+    tls_task = None if tls is None else asyncio.create_task(tls.follow(stop), name="tls")
     api = KubeApi.from_environment()
     election = LeaderElection(
         api,
@@ -216,6 +221,7 @@ async def run_operator(
                     runner,
                     term,
                     started,
+                    tls,
                 )
             finally:
                 relay.cancel()
@@ -225,6 +231,9 @@ async def run_operator(
             ingestor.waiting = "standby: stepped down, waiting for the leader Lease"
             logger.warning("stepped down as leader: back to standby")
     finally:
+        if tls_task is not None:
+            tls_task.cancel()
+            await asyncio.gather(tls_task, return_exceptions=True)
         await _close_receiver(runner)
         await election.release()
         await api.close()
@@ -260,6 +269,7 @@ async def _lead(
     runner: web.AppRunner,
     stop: asyncio.Event,
     started: asyncio.Future[Running] | None,
+    tls: ServerTLS | None,
 ) -> None:
     """Everything the leader does in one term, from opening the store to flushing it: until
     `stop` (set when the process stops), or until the Lease is lost (the receiver stays up)."""
@@ -268,6 +278,7 @@ async def _lead(
     writer: StatusWriter | None = None
 
     def apply(config: KubeConfig) -> None:
+        trust_stream_clients(tls, config.streams)
         engine.apply(
             config.streams,
             config.alerts,
@@ -284,7 +295,6 @@ async def _lead(
         api,
         source,
         engine,
-        events_namespace=namespace,
         reporter=options.identity,
         interval=options.status_interval,
     )

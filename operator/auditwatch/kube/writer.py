@@ -33,6 +33,10 @@ KEPT_WHILE_INVALID = ("targets",)
 (delivery records live in memory only: after a restart they are known from the object alone)."""
 
 EVENT_MESSAGE_LIMIT = 1024
+CLUSTER_EVENTS_NAMESPACE = "default"
+"""Where Events about cluster-scoped objects (AuditStreams) must go: the apiserver refuses (422)
+an Event whose namespace differs from its involved object's, and for a cluster-scoped object
+only `default` is accepted (as for Nodes and Namespaces)."""
 
 COUNT_FIELDS = frozenset({"eventsReceived", "lastEventTime"})
 """An AuditStream's status fields that only count: a change of these alone is written at most
@@ -60,7 +64,6 @@ class StatusWriter:
         source: KubeSource,
         engine: Engine,
         *,
-        events_namespace: str,
         reporter: str,
         interval: float = 2.0,
         counts_interval: float = 30.0,
@@ -70,8 +73,6 @@ class StatusWriter:
         self.source = source
         self.cache = source.cache
         self.engine = engine
-        self.events_namespace = events_namespace
-        """Where Events about cluster-scoped AuditStreams go: the operator's namespace."""
         self.reporter = reporter
         self.interval = interval
         self.clock = clock
@@ -226,7 +227,7 @@ class StatusWriter:
             "name": metadata["name"],
             "uid": uid,
         }
-        namespace = self.events_namespace
+        namespace = CLUSTER_EVENTS_NAMESPACE
         if kind == "AuditAlert":
             namespace = involved["namespace"] = metadata.get("namespace") or "default"
         now = iso(self.clock())

@@ -1,0 +1,319 @@
+"""auditwatch against a real kube-apiserver (tests/realcluster.py): the shipped manifests and
+examples applied with kubectl, the audit webhook over HTTPS with a bearer token, the operator
+running as its own ServiceAccount. One control plane for the module.
+
+Needs $AUDITWATCH_KUBE_APISERVER (../shared/tools/kube-apiserver/build.sh), etcd and kubectl;
+skips without them ("needs a real cluster: ..."); under CI (AUDITWATCH_REQUIRE_TOOLS=1) that
+skip fails instead (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.realcluster import REPO, Cluster, missing_tools, start
+
+pytestmark = pytest.mark.skipif(
+    missing_tools() is not None, reason=f"needs a real cluster: {missing_tools()}"
+)
+
+SEED_RULE = (
+    'verb = "get" and objectRef.resource = "secrets" and objectRef.name = "mysecret" '
+    'and user.username startswith "system:serviceaccount:seed:"'
+)
+
+
+def alert(name: str, rule: str, stream: str = "kube-audit") -> str:
+    return f"""
+apiVersion: auditwatch.dev/v1alpha1
+kind: AuditAlert
+metadata:
+  name: {name}
+  namespace: seed
+spec:
+  stream: {stream}
+  message: "{{user_username}} read {{objectRef_name}}"
+  rule:
+    type: composite
+    config: '{rule}'
+"""
+
+
+def ready(obj: dict[str, Any]) -> dict[str, Any]:
+    for condition in obj.get("status", {}).get("conditions", []):
+        if condition["type"] == "Ready":
+            return dict(condition)
+    return {}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    running = start(tmp_path_factory.mktemp("cluster"))
+    try:
+        running.kubectl("create", "namespace", "seed")
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def seed(cluster: Cluster) -> Cluster:
+    """The seed scenario: two ServiceAccounts may read `mysecret`; each reads it once with a
+    TokenRequest token. `seed-unauthorized` (everyone but authorized-user) and, as the control
+    that the authorized read reached auditwatch too, `seed-authorized`."""
+    cluster.apply(
+        alert(
+            "seed-unauthorized",
+            SEED_RULE + ' and user.username != "system:serviceaccount:seed:authorized-user"',
+        )
+    )
+    cluster.apply(
+        alert(
+            "seed-authorized",
+            SEED_RULE + ' and user.username = "system:serviceaccount:seed:authorized-user"',
+        )
+    )
+    cluster.kubectl("create", "secret", "generic", "mysecret", "-n", "seed", "--from-literal=a=b")
+    cluster.kubectl(
+        "create",
+        "role",
+        "read-secret",
+        "-n",
+        "seed",
+        "--verb=get",
+        "--resource=secrets",
+        "--resource-name=mysecret",
+    )
+    for user in ("authorized-user", "unauthorized-user"):
+        cluster.kubectl("create", "serviceaccount", user, "-n", "seed")
+        cluster.kubectl(
+            "create",
+            "rolebinding",
+            user,
+            "-n",
+            "seed",
+            "--role=read-secret",
+            f"--serviceaccount=seed:{user}",
+        )
+    for name in ("seed-unauthorized", "seed-authorized"):
+        cluster.wait_for(
+            f"{name} listening",
+            lambda n=name: (
+                cluster.get("auditalert", n, "-n", "seed").get("status", {}).get("state")
+                == "Listening"
+            ),
+        )
+    for user in ("authorized-user", "unauthorized-user"):
+        token = cluster.token("seed", user)
+        cluster.kubectl("get", "secret", "mysecret", "-n", "seed", token=token)
+    return cluster
+
+
+def test_manifests_and_examples_apply_and_the_streams_are_ready(cluster: Cluster) -> None:
+    assert cluster.get("deployment", "auditwatch", "-n", "auditwatch")["spec"]["replicas"] == 1
+    stream = cluster.wait_for_object(
+        "kube-audit Ready and receiving over HTTPS",
+        lambda s: ready(s).get("status") == "True" and s["status"].get("eventsReceived", 0) > 0,
+        "auditstream",
+        "kube-audit",
+        timeout=60,
+    )
+    assert stream["status"]["ingestPath"] == "/api/v1/logstream/kube-audit"
+    cluster.kubectl("apply", "-k", str(REPO / "examples/detections"))
+    names = [i["metadata"]["name"] for i in cluster.get("auditalerts", "-A")["items"]]
+
+    def all_listening() -> bool:
+        items = cluster.get("auditalerts", "-A")["items"]
+        states = {i["metadata"]["name"]: i.get("status", {}).get("state") for i in items}
+        return all(states.get(n) in ("Listening", "Firing", "Resolved") for n in names)
+
+    cluster.wait_for("every detection valid", all_listening, timeout=60)
+
+
+def test_only_the_unauthorized_read_fires(seed: Cluster) -> None:
+    fired = seed.wait_for_object(
+        "seed-unauthorized Firing",
+        lambda a: a.get("status", {}).get("state") == "Firing",
+        "auditalert",
+        "seed-unauthorized",
+        "-n",
+        "seed",
+    )
+    assert fired["status"]["matches"] == 1
+    assert fired["status"]["lastMatch"]["user"] == "system:serviceaccount:seed:unauthorized-user"
+    control = seed.wait_for_object(
+        "seed-authorized Firing",
+        lambda a: a.get("status", {}).get("state") == "Firing",
+        "auditalert",
+        "seed-authorized",
+        "-n",
+        "seed",
+    )
+    assert control["status"]["matches"] == 1
+    event = seed.wait_for(
+        "a Firing Event about seed-unauthorized",
+        lambda: [
+            e
+            for e in seed.events("seed", "AuditAlert", "seed-unauthorized")
+            if e["reason"] == "Firing"
+        ],
+    )[0]
+    assert "unauthorized-user" in event["message"]
+
+    table = seed.kubectl("get", "auditalerts", "-n", "seed").stdout.splitlines()
+    assert table[0].split() == ["NAME", "STREAM", "STATE", "MATCHES", "LAST", "MATCH", "AGE"]
+    row = next(line.split() for line in table if line.startswith("seed-unauthorized "))
+    assert row[1:4] == ["kube-audit", "Firing", "1"]
+    streams = seed.kubectl("get", "auditstreams").stdout.splitlines()
+    assert streams[0].split()[:3] == ["NAME", "READY", "EVENTS"]
+    assert next(s.split() for s in streams if s.startswith("kube-audit "))[1] == "True"
+
+
+def test_events_about_a_stream_are_posted(cluster: Cluster) -> None:
+    cluster.apply("""
+apiVersion: auditwatch.dev/v1alpha1
+kind: AuditStream
+metadata:
+  name: no-secret
+spec:
+  auth:
+    bearer:
+      secretRef:
+        name: does-not-exist
+""")
+    event = cluster.wait_for(
+        "a Warning Event about AuditStream no-secret in default",
+        lambda: [
+            e
+            for e in cluster.events("default", "AuditStream", "no-secret")
+            if e["type"] == "Warning"
+        ],
+    )[0]
+    assert event["reason"] == "SecretNotFound"
+    assert "422" not in cluster.operator_log.read_text()
+    cluster.kubectl("delete", "auditstream", "no-secret")
+
+
+def test_the_leader_lease_is_held_and_renewed(cluster: Cluster) -> None:
+    lease = cluster.wait_for(
+        "the auditwatch Lease",
+        lambda: (
+            cluster.kubectl(
+                "get", "lease", "auditwatch", "-n", "auditwatch", "-o", "json", check=False
+            ).stdout
+        ),
+    )
+    first = json.loads(lease)["spec"]
+    assert first["holderIdentity"] == "auditwatch-test"
+    time.sleep(3)
+    second = cluster.get("lease", "auditwatch", "-n", "auditwatch")["spec"]
+    assert second["holderIdentity"] == "auditwatch-test"
+    assert second["renewTime"] != first["renewTime"]
+
+
+def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
+    cluster.apply(alert("broken", 'verb = "get" and and'))
+    broken = cluster.wait_for_object(
+        "broken Invalid",
+        lambda a: a.get("status", {}).get("state") == "Invalid",
+        "auditalert",
+        "broken",
+        "-n",
+        "seed",
+    )
+    condition = ready(broken)
+    assert condition["status"] == "False"
+    assert condition["reason"] == "InvalidRule"
+    assert "line 1, column" in condition["message"]
+    warning = cluster.wait_for(
+        "an InvalidRule Warning Event",
+        lambda: [
+            e
+            for e in cluster.events("seed", "AuditAlert", "broken")
+            if e["reason"] == "InvalidRule"
+        ],
+    )[0]
+    assert warning["type"] == "Warning"
+    cluster.apply(alert("broken", 'verb = "get"'))
+    fixed = cluster.wait_for_object(
+        "broken Listening again",
+        lambda a: a.get("status", {}).get("state") == "Listening",
+        "auditalert",
+        "broken",
+        "-n",
+        "seed",
+    )
+    assert ready(fixed)["status"] == "True"
+    cluster.wait_for(
+        "a Valid Event",
+        lambda: [
+            e for e in cluster.events("seed", "AuditAlert", "broken") if e["reason"] == "Valid"
+        ],
+    )
+
+
+def test_the_operator_ran_without_permission_errors(seed: Cluster) -> None:
+    log = seed.operator_log.read_text()
+    assert "forbidden" not in log.lower(), log[-3000:]
+
+
+def test_a_stream_authenticated_by_client_certificate(cluster: Cluster) -> None:
+    """The CRD takes spec.auth.clientCertificate, the operator reads the CA Secret with its RBAC,
+    and the receiver accepts a certificate of that CA (and no other common name)."""
+    pem = cluster.ca.pem.decode().replace("\n", "\n    ")
+    cluster.apply(f"""
+apiVersion: v1
+kind: Secret
+metadata:
+  name: senders-ca
+  namespace: auditwatch
+stringData:
+  ca.crt: |
+    {pem}
+---
+apiVersion: auditwatch.dev/v1alpha1
+kind: AuditStream
+metadata:
+  name: by-cert
+spec:
+  auth:
+    clientCertificate:
+      secretRef: {{name: senders-ca}}
+      commonNames: [kube-apiserver]
+""")
+    cluster.wait_for_object(
+        "by-cert Ready", lambda s: ready(s).get("status") == "True", "auditstream", "by-cert"
+    )
+    directory = cluster.root / "clients"
+    directory.mkdir()
+    good = cluster.ca.issue("kube-apiserver", server=False).write(directory, "good")
+    other = cluster.ca.issue("someone", server=False).write(directory, "other")
+
+    def post(cert: tuple[Path, Path] | None) -> int:
+        context = ssl.create_default_context(cadata=cluster.ca.pem.decode())
+        if cert is not None:
+            context.load_cert_chain(*cert)
+        request = urllib.request.Request(
+            f"{cluster.receiver_url}/api/v1/logstream/by-cert",
+            data=json.dumps(
+                {"kind": "EventList", "apiVersion": "audit.k8s.io/v1", "items": []}
+            ).encode(),
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=10) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as error:
+            return error.code
+
+    assert post(good) == 200
+    assert post(other) == 403
+    assert post(None) == 401
