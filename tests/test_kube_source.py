@@ -91,7 +91,12 @@ class Applied:
     def __call__(self, config: KubeConfig) -> None:
         self.configs.append(config)
         self.engine.apply(
-            config.streams, config.alerts, config.invalid_alerts, config.problems, config.created
+            config.streams,
+            config.alerts,
+            config.invalid_alerts,
+            config.problems,
+            config.namespace_labels,
+            config.created,
         )
 
     def alert_status(self, key: str = "team/reads") -> dict[str, Any]:
