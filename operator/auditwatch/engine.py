@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow.compute as pc
 
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError
 from auditwatch.config.build import check_stream
@@ -30,7 +29,7 @@ from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, Stream
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch
 from auditwatch.notify import Notifier
-from auditwatch.rules.evaluate import CompiledRule, compile_rule
+from auditwatch.rules.plan import PlanAlert, StreamPlan
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
 from auditwatch.store import Store
 
@@ -52,7 +51,6 @@ def utcnow() -> datetime:
 @dataclass
 class _LiveAlert:
     spec: AlertSpec
-    rule: CompiledRule
     tracker: AlertTracker
 
 
@@ -85,6 +83,8 @@ class Engine:
         self._streams: dict[str, StreamSpec] = {}
         self._alerts: dict[str, _LiveAlert] = {}
         self._by_stream: dict[str, tuple[_LiveAlert, ...]] = {}
+        self._plans: dict[str, StreamPlan] = {}
+        """Per stream, all its alerts compiled into one evaluation plan (`rules/plan.py`)."""
         self._invalid: dict[str, InvalidAlert] = {}
         self._problems: list[str] = []
         self._since: dict[str, datetime] = {}
@@ -144,6 +144,7 @@ class Engine:
             by_stream.setdefault(alert.spec.stream, []).append(alert)
         self._streams = dict(streams)
         self._alerts = live
+        self._plans = {name: self._plan(name, tuple(alerts)) for name, alerts in by_stream.items()}
         self._by_stream = {name: tuple(alerts) for name, alerts in by_stream.items()}
         self._invalid = invalid
         self._problems = list(problems or [])
@@ -173,7 +174,15 @@ class Engine:
         else:
             tracker = AlertTracker(spec)
         self._dirty = True
-        return _LiveAlert(spec, compile_rule(spec.rule.condition), tracker)
+        return _LiveAlert(spec, tracker)
+
+    def _plan(self, stream: str, alerts: tuple[_LiveAlert, ...]) -> StreamPlan:
+        """The stream's plan: the one in force while its alerts are the same, else a new one."""
+        if self._by_stream.get(stream) == alerts:
+            return self._plans[stream]
+        return StreamPlan(
+            [PlanAlert(alert.spec.key, alert.spec.rule.condition) for alert in alerts]
+        )
 
     def stream(self, name: str) -> StreamSpec | None:
         return self._streams.get(name)
@@ -187,7 +196,10 @@ class Engine:
         """
         now = self.clock()
         alerts = self._by_stream.get(stream.name, ())
-        stored, matches = await asyncio.to_thread(self._store_and_match, stream.name, batch, alerts)
+        plan = self._plans.get(stream.name)
+        stored, matches = await asyncio.to_thread(
+            self._store_and_match, stream.name, batch, alerts, plan
+        )
         received = len(batch)
         self.metrics.events_received.labels(stream.name).inc(received)
         self.metrics.events_stored.labels(stream.name).inc(stored)
@@ -209,26 +221,37 @@ class Engine:
         return {"received": received, "stored": stored, "duplicates": received - stored}
 
     def _store_and_match(
-        self, stream: str, batch: EventBatch, alerts: tuple[_LiveAlert, ...]
+        self,
+        stream: str,
+        batch: EventBatch,
+        alerts: tuple[_LiveAlert, ...],
+        plan: StreamPlan | None,
     ) -> tuple[int, list[_Matched]]:
         """Disk and rule work of one request, run in a worker thread.
 
-        Per alert only the number of matches and the last matching event are taken: that is all
-        a tracker needs, and it spares decoding the JSON of every matching event.
+        All the stream's alerts are evaluated in one pass of its plan. Per alert only the number
+        of matches and the last matching event are taken: that is all a tracker needs, and it
+        spares decoding the JSON of every matching event.
         """
         new = self.store.append(stream, batch)
         matches = []
-        if len(new):
-            for alert in alerts:
-                try:
-                    mask = alert.rule.evaluate(new)
-                except Exception:  # the events are kept: a rule bug must not fail the request
-                    logger.exception("alert %s: rule evaluation failed", alert.spec.key)
-                    continue
-                count = mask.true_count
-                if count:
-                    last = pc.indices_nonzero(mask)[-1].as_py()
-                    matches.append(_Matched(alert, count, new.event(last)))
+        if len(new) and plan is not None:
+            try:
+                results = plan.evaluate(new)
+            except Exception:  # the events are kept: a rule bug must not fail the request
+                logger.exception("stream %s: rule evaluation failed", stream)
+                results = []
+            for result in results:
+                alert = alerts[result.alert]
+                if result.error is not None:  # this alert alone: the others are evaluated
+                    logger.error(
+                        "alert %s: rule evaluation failed",
+                        alert.spec.key,
+                        exc_info=result.error,
+                    )
+                elif len(result.rows):
+                    last = result.rows[-1].as_py()
+                    matches.append(_Matched(alert, len(result.rows), new.event(last)))
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------

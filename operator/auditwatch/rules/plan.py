@@ -39,9 +39,8 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
 from __future__ import annotations
 
 import itertools
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -54,9 +53,13 @@ from auditwatch.normalise import EventBatch
 from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or, conjunction
 from auditwatch.rules.evaluate import VECTORISED, _compile, _Context, _Node
 
-logger = logging.getLogger(__name__)
-
-GUARD_COLUMNS = ("objectRef_namespace", "objectRef_resource", "objectRef_subresource", "verb", "stage")
+GUARD_COLUMNS = (
+    "objectRef_namespace",
+    "objectRef_resource",
+    "objectRef_subresource",
+    "verb",
+    "stage",
+)
 """Text columns whose equality guards index alerts: what detections and tenancy select on."""
 
 NAMESPACE = Field(("objectRef", "namespace"))
@@ -87,6 +90,8 @@ class PlanAlert:
 class AlertResult:
     """What one batch did to one alert."""
 
+    alert: int
+    """The alert's position in the list the plan was built from."""
     key: str
     rows: pa.Int64Array
     """Indices of the matching rows, ascending."""
@@ -187,18 +192,21 @@ class StreamPlan:
         return len(self._entries)
 
     def evaluate(self, batch: EventBatch) -> list[AlertResult]:
-        """Each alert's matches in `batch`, in the order the alerts were given."""
+        """The alerts `batch` did something to (matches, exceptions, an error), in plan order.
+
+        Alerts it did nothing to are left out: with thousands of alerts, most of them.
+        """
         ctx = _Context(batch)
         candidates = self._candidates(ctx) if len(batch) else {}
         results = []
-        for number, entry in enumerate(self._entries):
-            if number not in candidates:  # no event of the batch passes its guards
-                results.append(AlertResult(entry.key, _EMPTY_ROWS))
-                continue
+        for number in sorted(candidates):
+            entry = self._entries[number]
             try:
-                results.append(_evaluate(entry, ctx, candidates[number]))
+                result = _evaluate(number, entry, ctx, candidates[number])
             except Exception as error:  # one alert's failure must not fail the others
-                results.append(AlertResult(entry.key, _EMPTY_ROWS, error=error))
+                result = AlertResult(number, entry.key, _EMPTY_ROWS, error=error)
+            if result is not None:
+                results.append(result)
         return results
 
     def _candidates(self, ctx: _Context) -> dict[int, pa.BooleanArray | None]:
@@ -236,7 +244,9 @@ class StreamPlan:
         return found
 
 
-def _evaluate(entry: _Entry, ctx: _Context, rows: pa.BooleanArray | None) -> AlertResult:
+def _evaluate(
+    number: int, entry: _Entry, ctx: _Context, rows: pa.BooleanArray | None
+) -> AlertResult | None:
     matched = rows
     if entry.rest is not None:
         rest = entry.rest.evaluate(ctx, rows)
@@ -244,14 +254,16 @@ def _evaluate(entry: _Entry, ctx: _Context, rows: pa.BooleanArray | None) -> Ale
     if matched is None:
         matched = pa.repeat(pa.scalar(True), ctx.size)
     if matched.true_count == 0:
-        return AlertResult(entry.key, _EMPTY_ROWS)
+        return None
     excepted = 0
     if entry.unless is not None:
         unless = pc.and_(matched, entry.unless.evaluate(ctx, matched))
         excepted = unless.true_count
         if excepted:
             matched = pc.and_not(matched, unless)
-    return AlertResult(entry.key, pc.indices_nonzero(matched), excepted)
+    if matched.true_count == 0:
+        return AlertResult(number, entry.key, _EMPTY_ROWS, excepted)
+    return AlertResult(number, entry.key, pc.indices_nonzero(matched), excepted)
 
 
 def _entry(alert: PlanAlert, compiler: _Compiler) -> _Entry:
