@@ -111,10 +111,11 @@ class _Shared:
 
     slot: int
     node: _Node
+    cost: int = field(init=False)
+    """The node's cost, kept: junctions sort and narrow by it on every batch."""
 
-    @property
-    def cost(self) -> int:
-        return self.node.cost
+    def __post_init__(self) -> None:
+        self.cost = self.node.cost
 
     def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
         entry = ctx.memo.get(self.slot)
