@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 
 from auditwatch import paths
 from auditwatch.normalise import EventBatch
-from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or, conjunction
+from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or
 from auditwatch.rules.evaluate import VECTORISED, _compile, _Context, _Node
 
 GUARD_COLUMNS = (
@@ -160,8 +160,10 @@ class _Entry:
     key: str
     guards: tuple[Guard, ...]
     """Alternatives: rows whose guard columns one of them accepts are the rows evaluated."""
-    rest: _Shared | None
-    """What the guards leave to evaluate (None: the guards are the whole condition)."""
+    cheap: tuple[_Shared, ...]
+    """What the guards leave to evaluate, vectorised operands: computed once per batch."""
+    slow: tuple[_Shared, ...]
+    """The operands with per-row work, cheapest first: run on the rows still open."""
     unless: _Shared | None
 
 
@@ -198,21 +200,82 @@ class StreamPlan:
         Alerts it did nothing to are left out: with thousands of alerts, most of them.
         """
         ctx = _Context(batch)
-        candidates = self._candidates(ctx) if len(batch) else {}
-        results = []
-        for number in sorted(candidates):
+        live = self._candidates(ctx) if len(batch) else {}
+        errors: dict[int, Exception] = {}
+        whole: dict[int, int] = {}
+        steps: dict[int, list[_Shared]] = {}
+        for number, rows in live.items():
             entry = self._entries[number]
             try:
-                result = _evaluate(number, entry, ctx, candidates[number])
+                for node in entry.cheap:
+                    rows &= _whole(node, ctx, whole)
+                    if not rows:
+                        break
             except Exception as error:  # one alert's failure must not fail the others
-                result = AlertResult(number, entry.key, _EMPTY_ROWS, error=error)
-            if result is not None:
-                results.append(result)
+                errors[number], rows = error, 0
+            live[number] = rows
+            if rows and entry.slow:
+                steps[number] = list(entry.slow)
+        self._run_steps(ctx, live, steps, errors)
+        excepted: dict[int, int] = {}
+        unless = {
+            number: [exception]
+            for number, rows in live.items()
+            if rows and (exception := self._entries[number].unless) is not None
+        }
+        if unless:  # exceptions: run only on the rows the rule matched
+            excepted = {number: live[number] for number in unless}
+            self._run_steps(ctx, excepted, unless, errors)
+            for number, exempt in excepted.items():
+                live[number] &= ~exempt
+        results = []
+        for number in sorted({*live, *errors}):
+            key = self._entries[number].key
+            if number in errors:
+                results.append(AlertResult(number, key, _EMPTY_ROWS, error=errors[number]))
+                continue
+            rows, exempt = live[number], excepted.get(number, 0)
+            if rows or exempt:
+                indices = pc.indices_nonzero(_mask(rows, ctx.size)) if rows else _EMPTY_ROWS
+                results.append(AlertResult(number, key, indices, exempt.bit_count()))
         return results
 
-    def _candidates(self, ctx: _Context) -> dict[int, pa.BooleanArray | None]:
-        """Alert -> the rows its guards accept (None: all rows); alerts with none are absent."""
-        found: dict[int, pa.BooleanArray | None] = dict.fromkeys(self._unguarded)
+    def _run_steps(
+        self,
+        ctx: _Context,
+        live: dict[int, int],
+        steps: dict[int, list[_Shared]],
+        errors: dict[int, Exception],
+    ) -> None:
+        """Narrow `live` by each alert's per-row operands, in order, one step at a time.
+
+        At each step a node runs once, on the union of the rows its alerts still need.
+        """
+        while steps:
+            union: dict[int, int] = {}
+            nodes: dict[int, _Shared] = {}
+            for number, remaining in steps.items():
+                node = remaining[0]
+                nodes[node.slot] = node
+                union[node.slot] = union.get(node.slot, 0) | live[number]
+            answers: dict[int, int | Exception] = {}
+            for slot, node in nodes.items():
+                try:
+                    answers[slot] = _bits(node.evaluate(ctx, _mask(union[slot], ctx.size)))
+                except Exception as error:  # fails the alerts that need it, not the others
+                    answers[slot] = error
+            for number, remaining in list(steps.items()):
+                answer = answers[remaining.pop(0).slot]
+                if isinstance(answer, Exception):
+                    errors[number], live[number] = answer, 0
+                else:
+                    live[number] &= answer
+                if not live[number] or not remaining:
+                    del steps[number]
+
+    def _candidates(self, ctx: _Context) -> dict[int, int]:
+        """Alert -> the rows its guards accept, as a bitset; alerts with none are absent."""
+        found = dict.fromkeys(self._unguarded, (1 << ctx.size) - 1)
         if not self._index:
             return found
         columns = {name: ctx.column(name) for name in GUARD_COLUMNS}
@@ -220,51 +283,41 @@ class StreamPlan:
         groups = pa.table(columns).group_by(GUARD_COLUMNS, use_threads=False)
         grouped = groups.aggregate([("row", "list")])
         keys = zip(*(grouped.column(name).to_pylist() for name in GUARD_COLUMNS), strict=True)
-        hits: dict[int, list[int]] = {}
+        hits: dict[int, int] = {}
+        row_lists = grouped.column("row_list").to_pylist()
         for group, key in enumerate(keys):
+            rows = 0
             for getter, index in self._index:
                 for number in index.get(getter(key), ()):
-                    groups_of = hits.setdefault(number, [])
-                    if not groups_of or groups_of[-1] != group:
-                        groups_of.append(group)
-        if not hits:
-            return found
-        row_lists = grouped.column("row_list").combine_chunks()
-        group_of_row = pc.take(
-            pc.list_parent_indices(row_lists), pc.sort_indices(pc.list_flatten(row_lists))
-        )
-        every = len(grouped)
-        for number, groups_of in hits.items():
-            if number in found:
-                continue
-            if len(groups_of) == every:
-                found[number] = None
-            else:
-                value_set = pa.array(groups_of, type=group_of_row.type)
-                found[number] = pc.is_in(group_of_row, value_set=value_set)
+                    if not rows:
+                        rows = sum(1 << row for row in row_lists[group])
+                    hits[number] = hits.get(number, 0) | rows
+        for number, rows in hits.items():
+            if number not in found:
+                found[number] = rows
         return found
 
 
-def _evaluate(
-    number: int, entry: _Entry, ctx: _Context, rows: pa.BooleanArray | None
-) -> AlertResult | None:
-    matched = rows
-    if entry.rest is not None:
-        rest = entry.rest.evaluate(ctx, rows)
-        matched = rest if rows is None else pc.and_(rows, rest)
-    if matched is None:
-        matched = pa.repeat(pa.scalar(True), ctx.size)
-    if matched.true_count == 0:
-        return None
-    excepted = 0
-    if entry.unless is not None:
-        unless = pc.and_(matched, entry.unless.evaluate(ctx, matched))
-        excepted = unless.true_count
-        if excepted:
-            matched = pc.and_not(matched, unless)
-    if matched.true_count == 0:
-        return AlertResult(number, entry.key, _EMPTY_ROWS, excepted)
-    return AlertResult(number, entry.key, pc.indices_nonzero(matched), excepted)
+def _whole(node: _Shared, ctx: _Context, known: dict[int, int]) -> int:
+    """A vectorised node's result on the whole batch as a bitset, once per batch."""
+    bits = known.get(node.slot)
+    if bits is None:
+        bits = known[node.slot] = _bits(node.evaluate(ctx, None))
+    return bits
+
+
+def _bits(mask: pa.BooleanArray) -> int:
+    """A row mask as a Python int, bit i for row i: `&` on it costs 0.05 µs, `pc.and_` 2 µs."""
+    if mask.null_count:
+        mask = pc.and_kleene(mask, pc.is_valid(mask))
+    value: int = int.from_bytes(mask.buffers()[1], "little") >> mask.offset
+    return value & ((1 << len(mask)) - 1)
+
+
+def _mask(bits: int, size: int) -> pa.BooleanArray:
+    data = pa.py_buffer(bits.to_bytes((size + 7) // 8, "little"))
+    mask: pa.BooleanArray = pa.Array.from_buffers(pa.bool_(), size, [None, data])
+    return mask
 
 
 def _entry(alert: PlanAlert, compiler: _Compiler) -> _Entry:
@@ -272,10 +325,12 @@ def _entry(alert: PlanAlert, compiler: _Compiler) -> _Entry:
     condition = alert.condition
     operands = [*scope, *(condition.operands if isinstance(condition, And) else (condition,))]
     guards, rest = _guards(operands)
+    nodes = sorted((compiler(operand) for operand in rest), key=lambda node: node.cost)
     return _Entry(
         alert.key,
         guards,
-        compiler(conjunction(rest)) if rest else None,
+        tuple(node for node in nodes if node.cost == VECTORISED),
+        tuple(node for node in nodes if node.cost != VECTORISED),
         None if alert.unless is None else compiler(alert.unless),
     )
 
