@@ -21,6 +21,10 @@ work a batch really needs, not with the number of alerts:
   lookups, the alerts whose guards accept it, and an alert is evaluated only on the rows of the
   groups it was found for. An alert no group finds costs nothing. Guard operands the index
   applies exactly are left out of what remains to evaluate.
+- **Bitsets per alert.** What remains of an alert is its other top-level operands, each a shared
+  node. Their results are combined per alert as Python integers (bit i: row i), where `&`
+  costs 0.05 µs against 2 µs for a pyarrow call on 400 rows; the operands with per-row work
+  run in steps, each node once per step on the union of the rows its alerts still need.
 
 The result equals evaluating every alert on every event (`evaluate.compile_rule`, and
 `reference.matches` per event): `tests/test_rules_plan.py` checks it on generated rules and events.
@@ -34,6 +38,8 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
   rows the condition matched, and counts the excepted rows in `AlertResult.excepted`.
 - `AlertResult.rows` (grouped thresholds, issue #12): the indices of the matching rows, so a
   grouped window can read the group-by column of exactly those rows.
+The engine builds the `PlanAlert`s from the AuditAlerts in `Engine._plan`; today it sets
+neither `scope` nor `unless`: that is where those features plug in.
 """
 
 from __future__ import annotations
