@@ -54,7 +54,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
 sys.path.insert(0, str(ROOT))
 
-from bench.rules import RAW_SCHEMA, generate  # noqa: E402
+from bench.rules import (  # noqa: E402
+    NAMESPACES,
+    RAW_SCHEMA,
+    generate,
+    library_documents,
+    tenant_documents,
+)
 
 from auditwatch.decode import decode_body  # noqa: E402
 from auditwatch.normalise import normalise  # noqa: E402
@@ -145,10 +151,12 @@ def event_list(items: Iterable[dict[str, Any]]) -> bytes:
     )
 
 
-def build_workload(templates: int) -> Workload:
+def build_workload(templates: int, tenants: int = 0) -> Workload:
     """`templates` bodies of varied real events (bench/rules.py's generator), as the apiserver
-    posts them: EventList items carry no kind/apiVersion of their own."""
-    lines = generate(templates * EVENTS_PER_POST).splitlines()
+    posts them: EventList items carry no kind/apiVersion of their own. With tenants, events
+    are spread over their namespaces too."""
+    namespaces = [*NAMESPACES, *(f"team-{tenant}" for tenant in range(tenants))]
+    lines = generate(templates * EVENTS_PER_POST, namespaces=namespaces).splitlines()
     bodies, ndjson = [], []
     canary_items: list[dict[str, Any]] = []
     for index in range(templates):
@@ -202,9 +210,23 @@ def selectivity(workload: Workload) -> dict[str, float]:
 # -- resources -----------------------------------------------------------------------------
 
 
-def write_resources(directory: Path, sink_url: str) -> None:
+def detection_alerts(tenants: int) -> list[dict[str, Any]]:
+    """The shipped library and `tenants` tenants' copies of it, on the bench stream."""
+    documents = [*library_documents(), *tenant_documents(tenants)]
+    for document in documents:
+        document["metadata"].setdefault("namespace", "auditwatch")
+        document["spec"]["stream"] = STREAM
+    return documents
+
+
+def extra_alerts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The alerts `--library` / `--tenants` add to the 10."""
+    return detection_alerts(args.tenants) if args.library or args.tenants else []
+
+
+def write_resources(directory: Path, sink_url: str, extra: list[dict[str, Any]]) -> None:
     """The AuditStream (basic auth, as the apiserver's kubeconfig or Vector would use), its
-    Secret and the 10 AuditAlerts, each with a webhook target at the sink."""
+    Secret, the 10 AuditAlerts, each with a webhook target at the sink, and `extra` alerts."""
     documents: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -246,6 +268,7 @@ def write_resources(directory: Path, sink_url: str) -> None:
                 },
             }
         )
+    documents += extra
     (directory / "bench.yaml").write_text(yaml.safe_dump_all(documents, sort_keys=False))
 
 
@@ -372,7 +395,9 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
-async def wait_ready(base_url: str, server: subprocess.Popen[bytes], log: Path) -> dict[str, Any]:
+async def wait_ready(
+    base_url: str, server: subprocess.Popen[bytes], log: Path, alerts: int
+) -> dict[str, Any]:
     """Wait for readiness; return the status, refusing to run unless all alerts are live."""
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as session:
@@ -391,7 +416,7 @@ async def wait_ready(base_url: str, server: subprocess.Popen[bytes], log: Path) 
         else:
             raise SystemExit(f"server not ready after 60 s; see {log}")
     invalid = {k: a for k, a in data["alerts"].items() if a.get("state") == "Invalid"}
-    if invalid or len(data["alerts"]) != len(ALERTS) or data.get("problems"):
+    if invalid or len(data["alerts"]) != alerts or data.get("problems"):
         raise SystemExit(f"configuration not fully live: {invalid or data}")
     return data
 
@@ -493,7 +518,7 @@ async def run(args: argparse.Namespace, workload: Workload, work: Path) -> dict[
     await sink_runner.setup()
     sink_port = free_port()
     await web.TCPSite(sink_runner, "127.0.0.1", sink_port).start()
-    write_resources(resources, f"http://127.0.0.1:{sink_port}")
+    write_resources(resources, f"http://127.0.0.1:{sink_port}", extra_alerts(args))
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -560,7 +585,7 @@ async def measure(
         process = context.Process(target=load_process, args=(plan, workload, theirs))
         process.start()
         workers.append((process, ours))
-    await wait_ready(base_url, server, log_path)
+    await wait_ready(base_url, server, log_path, len(ALERTS) + len(extra_alerts(args)))
     for _, pipe in workers:
         await asyncio.to_thread(pipe.recv)  # "ready"
 
@@ -731,14 +756,22 @@ def main() -> None:
         "--decode-workers", type=int, help="the server's --decode-workers (default: its own)"
     )
     parser.add_argument("--json", type=Path, help="also write the results as JSON to FILE")
+    parser.add_argument(
+        "--library", action="store_true", help="also load the detection library (examples/)"
+    )
+    parser.add_argument(
+        "--tenants", type=int, default=0, help="and N tenants' copies of it (implies --library)"
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
-    workload = build_workload(args.templates)
+    workload = build_workload(args.templates, args.tenants)
     shares = selectivity(workload)
     print(f"{args.templates} bodies of {EVENTS_PER_POST} events "
           f"(mean {sum(map(len, workload.bodies)) / len(workload.bodies) / 1024:.0f} KiB) "
-          f"generated in {time.perf_counter() - started:.1f} s; {len(ALERTS)} alerts; "
+          f"generated in {time.perf_counter() - started:.1f} s; {len(ALERTS)} alerts"
+          f"{' + the library' if args.library or args.tenants else ''}"
+          f"{f' and {args.tenants} tenants' if args.tenants else ''}; "
           f"{args.connections} connection(s) from {args.processes} process(es); "
           f"{args.warmup:g} s warm-up + {args.seconds:g} s measured")  # fmt: skip
     if args.workdir:

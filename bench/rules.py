@@ -1,6 +1,6 @@
 """Benchmark: decode + normalise, and rule evaluation over decoded batches.
 
-    python bench/rules.py [--events 300000] [--batch 10000]
+    python bench/rules.py [--events 300000] [--batch 10000] [--alerts 28,100,1000,5000]
 
 Generates a deterministic stream of realistic audit events (the real samples of
 tests/data/audit-samples, varied in user, verb, resource, namespace,
@@ -8,17 +8,23 @@ name, code and auditID), then reports events/s for:
   - pyarrow.json.read_json of the same NDJSON bytes (the raw parse rate, for scale),
   - auditwatch's decode_body + normalise of those bytes (the general path), and the fast path
     (columnar.batch_from_json) over the same events as JSON arrays,
-  - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches.
+  - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches,
+  - evaluating the detection library (examples/detections, 28 alerts) plus tenants' copies, up to
+    5,000 alerts, on 400-event batches (the apiserver's): one alert at a time (`compile_rule`,
+    as before the stream plan) and all of a stream's alerts at once (`rules.plan.StreamPlan`).
 Everything runs in this one process on one core (pyarrow's thread pool is limited to 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from typing import Any
 import orjson
 import pyarrow as pa
 import pyarrow.json as pajson
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
@@ -34,9 +41,13 @@ from auditwatch.columnar import batch_from_json  # noqa: E402
 from auditwatch.decode import decode_body, decode_file  # noqa: E402
 from auditwatch.normalise import EventBatch, normalise  # noqa: E402
 from auditwatch.rules.evaluate import compile_rule  # noqa: E402
-from auditwatch.rules.parse import parse_expression  # noqa: E402
+from auditwatch.rules.parse import parse_expression, parse_rule  # noqa: E402
+from auditwatch.rules.plan import PlanAlert, StreamPlan  # noqa: E402
 
 SAMPLES = ROOT / "tests" / "data" / "audit-samples"
+DETECTIONS = ROOT / "examples" / "detections"
+ALERT_BATCH = 400
+"""Events per batch for the alert-count measurements: the kube-apiserver's webhook maximum."""
 
 USERS = [
     "system:serviceaccount:default:authorized-user",
@@ -98,8 +109,12 @@ def templates() -> list[dict[str, Any]]:
     return events
 
 
-def generate(count: int, seed: int = 7) -> bytes:
-    """`count` varied events as NDJSON bytes (deterministic for a seed)."""
+def generate(count: int, seed: int = 7, namespaces: Sequence[str] = NAMESPACES) -> bytes:
+    """`count` varied events as NDJSON bytes (deterministic for a seed).
+
+    A tenant's namespace (`team-N`, see `tenant_alerts`) gets a third of its events from the
+    tenant's own deployer account.
+    """
     rng = random.Random(seed)
     base = templates()
     out = io.BytesIO()
@@ -110,7 +125,9 @@ def generate(count: int, seed: int = 7) -> bytes:
         event.setdefault("user", {})["username"] = rng.choice(USERS)
         ref = event.setdefault("objectRef", {})
         ref["resource"] = rng.choice(RESOURCES)
-        ref["namespace"] = rng.choice(NAMESPACES)
+        ref["namespace"] = namespace = rng.choice(namespaces)
+        if namespace.startswith("team-") and rng.random() < 1 / 3:
+            event["user"]["username"] = deployer(namespace)
         ref["name"] = f"object-{rng.randrange(1000)}"
         event.setdefault("responseStatus", {})["code"] = rng.choice(CODES)
         out.write(orjson.dumps(event))
@@ -135,6 +152,104 @@ def rules(count: int, seed: int = 11) -> list[str]:
     return texts
 
 
+def library_documents() -> list[dict[str, Any]]:
+    """The shipped detection library (examples/detections): its AuditAlert documents."""
+    documents = [yaml.safe_load(path.read_text()) for path in sorted(DETECTIONS.glob("*.yaml"))]
+    return [document for document in documents if document.get("kind") == "AuditAlert"]
+
+
+def deployer(namespace: str) -> str:
+    return f"system:serviceaccount:{namespace}:deployer"
+
+
+def tenant_documents(tenants: int) -> list[dict[str, Any]]:
+    """Per tenant `team-N`, a copy of the library's composite detections in namespace `team-N`
+    that only looks at that namespace and leaves out the tenant's own deployer account."""
+    documents = []
+    for tenant in range(tenants):
+        namespace = f"team-{tenant}"
+        for shipped in library_documents():
+            rule = shipped["spec"]["rule"]
+            if rule["type"] != "composite":
+                continue
+            document = copy.deepcopy(shipped)
+            document["metadata"]["namespace"] = namespace
+            document["spec"]["rule"]["config"] = (
+                f'objectRef.namespace = "{namespace}" and not user.username = '
+                f'"{deployer(namespace)}" and ({rule["config"]})'
+            )
+            documents.append(document)
+    return documents
+
+
+def tenant_count(alerts: int) -> int:
+    """Tenants whose copies of the library, after the library itself, make `alerts` alerts."""
+    shipped = library_documents()
+    per_tenant = sum(document["spec"]["rule"]["type"] == "composite" for document in shipped)
+    return max(0, math.ceil((alerts - len(shipped)) / per_tenant))
+
+
+def tenant_alerts(count: int) -> list[PlanAlert]:
+    """The library, then its tenants' copies: `count` alerts in all."""
+    alerts = []
+    for document in [*library_documents(), *tenant_documents(tenant_count(count))][:count]:
+        rule = document["spec"]["rule"]
+        name = f"{document['metadata'].get('namespace', '')}/{document['metadata']['name']}"
+        alerts.append(PlanAlert(name, parse_rule(rule["type"], rule["config"]).condition))
+    return alerts
+
+
+def alert_batches(alerts: int, events: int) -> list[EventBatch]:
+    """400-event batches as the fast path builds them (events parsed only when asked), spread
+    over the base namespaces and those of the tenants of `alerts` alerts."""
+    namespaces = [*NAMESPACES, *(f"team-{n}" for n in range(tenant_count(alerts)))]
+    lines = generate(events, seed=13, namespaces=namespaces).splitlines()
+    now = datetime.now(UTC)
+    batches = []
+    for start in range(0, len(lines), ALERT_BATCH):
+        batch = batch_from_json(b"[" + b",".join(lines[start : start + ALERT_BATCH]) + b"]", now)
+        assert batch is not None, "fast path not taken"
+        batches.append(batch)
+    return batches
+
+
+def fresh(batches: list[EventBatch]) -> list[EventBatch]:
+    """The same tables without the events parsed by an earlier run."""
+    return [EventBatch(batch.table) for batch in batches]
+
+
+def measure_alerts(count: int, events: int, runs: int, per_alert_events: int) -> None:
+    """µs/event for `count` alerts: one at a time, and as one stream plan (same answers)."""
+    alerts = tenant_alerts(count)
+    batches = alert_batches(count, events)
+    plan = StreamPlan(alerts)
+    compiled = [compile_rule(alert.condition) for alert in alerts]
+    few = batches[: max(1, per_alert_events // ALERT_BATCH)]
+    for batch in fresh(few):
+        expected = [rule.evaluate(batch).true_count for rule in compiled]
+        counts = [0] * len(alerts)
+        for result in plan.evaluate(batch):
+            counts[result.alert] = len(result.rows)
+        assert counts == expected, "the plan and the alerts one at a time disagree"
+
+    def one_at_a_time() -> None:
+        for batch in fresh(few):
+            for rule in compiled:
+                rule.evaluate(batch)
+
+    def planned() -> None:
+        for batch in fresh(batches):
+            plan.evaluate(batch)
+
+    before = best_of(runs, one_at_a_time) / (len(few) * ALERT_BATCH) * 1e6
+    after = best_of(runs, planned) / (len(batches) * ALERT_BATCH) * 1e6
+    print(
+        f"{count:>6,} alerts  one at a time {before:>8.1f} µs/event   "
+        f"stream plan {after:>6.1f} µs/event = {1e6 / after:>9,.0f} events/s   "
+        f"({before / after:.0f} x)"
+    )
+
+
 def rate(events: int, seconds: float) -> str:
     return f"{events / seconds:>12,.0f} events/s  ({seconds:.3f} s)"
 
@@ -153,9 +268,32 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--batch", type=int, default=10_000, help="events per decoded batch")
     parser.add_argument("--runs", type=int, default=3, help="best of N runs per measurement")
+    parser.add_argument(
+        "--alerts",
+        default="28,100,1000,5000",
+        help="alert counts for the library + tenants measurement ('' to skip)",
+    )
+    parser.add_argument(
+        "--alert-events", type=int, default=40_000, help="events for the stream plan"
+    )
+    parser.add_argument(
+        "--per-alert-events",
+        type=int,
+        default=4_000,
+        help="events for the one-at-a-time evaluation (slow with many alerts)",
+    )
+    parser.add_argument("--only-alerts", action="store_true", help="skip the other stages")
     args = parser.parse_args()
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+
+    counts = [int(count) for count in args.alerts.split(",") if count]
+    if counts:
+        print(f"library + tenants' alerts, batches of {ALERT_BATCH}, one core")
+    for count in counts:
+        measure_alerts(count, args.alert_events, args.runs, args.per_alert_events)
+    if args.only_alerts:
+        return
 
     body = generate(args.events)
     lines = body.splitlines(keepends=True)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from auditwatch import exactjson
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues, kept_status
@@ -32,7 +30,7 @@ from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, Stream
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch, from_table
 from auditwatch.notify import Notifier
-from auditwatch.rules.evaluate import CompiledRule, compile_rule
+from auditwatch.rules.plan import PlanAlert, StreamPlan
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
 from auditwatch.store import Store
 
@@ -54,7 +52,6 @@ def utcnow() -> datetime:
 @dataclass
 class _LiveAlert:
     spec: AlertSpec
-    rule: CompiledRule
     tracker: AlertTracker
 
 
@@ -69,20 +66,11 @@ class _Matched:
     """The staging segment holding the events (see `Engine._staged_matches`)."""
 
 
-def _visible_matches(
-    alert: _LiveAlert, batch: EventBatch, memo: dict[str, pa.BooleanArray]
-) -> pa.BooleanArray:
-    """The rows of `batch` the alert's rule matches among those it may see: with a scope, only
-    events about that namespace (never a cluster-scoped one). `memo` keeps each namespace's
-    rows for the other alerts of the same batch."""
-    mask: pa.BooleanArray = alert.rule.evaluate(batch)
-    namespace = alert.spec.scope
-    if namespace is None:
-        return mask
-    if namespace not in memo:
-        column = batch.table.column("objectRef_namespace").combine_chunks()
-        memo[namespace] = pc.fill_null(pc.equal(column, namespace), False)
-    return pc.and_(mask, memo[namespace])
+def _stream_plan(alerts: Sequence[_LiveAlert]) -> StreamPlan:
+    """All `alerts` of one stream compiled together, each seeing what its stream grants it."""
+    return StreamPlan(
+        [PlanAlert(a.spec.key, a.spec.rule.condition, scope=a.spec.scope) for a in alerts]
+    )
 
 
 class Engine:
@@ -105,6 +93,8 @@ class Engine:
         self._streams: dict[str, StreamSpec] = {}
         self._alerts: dict[str, _LiveAlert] = {}
         self._by_stream: dict[str, tuple[_LiveAlert, ...]] = {}
+        self._plans: dict[str, StreamPlan] = {}
+        """Per stream, all its alerts compiled into one evaluation plan (`rules/plan.py`)."""
         self._invalid: dict[str, InvalidAlert] = {}
         self._problems: list[str] = []
         self._since: dict[str, datetime] = {}
@@ -191,6 +181,7 @@ class Engine:
             by_stream.setdefault(alert.spec.stream, []).append(alert)
         self._streams = dict(streams)
         self._alerts = live
+        self._plans = {name: self._plan(name, tuple(alerts)) for name, alerts in by_stream.items()}
         self._by_stream = {name: tuple(alerts) for name, alerts in by_stream.items()}
         self._invalid = invalid
         self._problems = list(problems or [])
@@ -212,27 +203,34 @@ class Engine:
     def _recount_staged(self, live: Mapping[str, _LiveAlert]) -> None:
         """After a restart: each restored alert's matches in the segments still staged, counted
         from the events, replace the counts saved for them (events stored but not counted
-        before a crash, counted but not saved, or acknowledged late and re-sent as duplicates)."""
-        staged: dict[str, list[tuple[str, EventBatch]]] = {}
+        before a crash, counted but not saved, or acknowledged late and re-sent as duplicates).
+        Each stream's restored alerts are counted together, in one plan, as at ingest."""
+        restored: dict[str, list[_LiveAlert]] = {}
         for key, alert in live.items():
             saved = self._saved.get(key)
-            if saved is None or not continues(alert.spec, saved):
-                continue
-            stream = alert.spec.stream
-            if stream not in staged:
-                staged[stream] = [(stem, from_table(t)) for stem, t in self.store.staged(stream)]
-            saved_counts = saved.get("stagedMatches")
-            before = saved_counts if isinstance(saved_counts, dict) else {}
-            counts = {
-                stem: _visible_matches(alert, batch, {}).true_count
-                for stem, batch in staged[stream]
-            }
-            delta = sum(counts.values()) - sum(int(before.get(stem, 0)) for stem in counts)
-            if delta:
-                logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
-                alert.tracker.total += delta
-                self._dirty = True
-            self._staged_matches[key] = {stem: n for stem, n in counts.items() if n}
+            if saved is not None and continues(alert.spec, saved):
+                restored.setdefault(alert.spec.stream, []).append(alert)
+        for stream, alerts in restored.items():
+            counts: dict[str, dict[str, int]] = {alert.spec.key: {} for alert in alerts}
+            plan = _stream_plan(alerts)
+            stems: set[str] = set()
+            for stem, table in self.store.staged(stream):
+                stems.add(stem)
+                for result in plan.evaluate(from_table(table)):
+                    if result.error is None and len(result.rows):
+                        counts[result.key][stem] = len(result.rows)
+            for alert in alerts:
+                key = alert.spec.key
+                saved_counts = self._saved[key].get("stagedMatches")
+                before = saved_counts if isinstance(saved_counts, dict) else {}
+                delta = sum(counts[key].values()) - sum(
+                    int(n) for stem, n in before.items() if stem in stems
+                )
+                if delta:
+                    logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
+                    alert.tracker.total += delta
+                    self._dirty = True
+                self._staged_matches[key] = counts[key]
 
     def _live_alert(self, key: str, spec: AlertSpec) -> _LiveAlert:
         current = self._alerts.get(key)
@@ -249,7 +247,13 @@ class Engine:
         else:
             tracker = AlertTracker(spec)
         self._dirty = True
-        return _LiveAlert(spec, compile_rule(spec.rule.condition), tracker)
+        return _LiveAlert(spec, tracker)
+
+    def _plan(self, stream: str, alerts: tuple[_LiveAlert, ...]) -> StreamPlan:
+        """The stream's plan: the one in force while its alerts are the same, else a new one."""
+        if self._by_stream.get(stream) == alerts:
+            return self._plans[stream]
+        return _stream_plan(alerts)
 
     def stream(self, name: str) -> StreamSpec | None:
         return self._streams.get(name)
@@ -278,7 +282,10 @@ class Engine:
         alerts: tuple[_LiveAlert, ...],
         now: datetime,
     ) -> dict[str, int]:
-        stored, matches = await asyncio.to_thread(self._store_and_match, stream.name, batch, alerts)
+        plan = self._plans.get(stream.name)
+        stored, matches = await asyncio.to_thread(
+            self._store_and_match, stream.name, batch, alerts, plan
+        )
         received = len(batch)
         self.metrics.events_received.labels(stream.name).inc(received)
         self.metrics.events_stored.labels(stream.name).inc(stored)
@@ -303,27 +310,37 @@ class Engine:
         return {"received": received, "stored": stored, "duplicates": received - stored}
 
     def _store_and_match(
-        self, stream: str, batch: EventBatch, alerts: tuple[_LiveAlert, ...]
+        self,
+        stream: str,
+        batch: EventBatch,
+        alerts: tuple[_LiveAlert, ...],
+        plan: StreamPlan | None,
     ) -> tuple[int, list[_Matched]]:
         """Disk and rule work of one request, run in a worker thread.
 
-        Per alert only the number of matches and the last matching event are taken: that is all
-        a tracker needs, and it spares decoding the JSON of every matching event.
+        All the stream's alerts are evaluated in one pass of its plan. Per alert only the number
+        of matches and the last matching event are taken: that is all a tracker needs, and it
+        spares decoding the JSON of every matching event.
         """
         new = self.store.append(stream, batch)
         matches = []
-        if len(new):
-            visible: dict[str, pa.BooleanArray] = {}
-            for alert in alerts:
-                try:
-                    mask = _visible_matches(alert, new, visible)
-                except Exception:  # the events are kept: a rule bug must not fail the request
-                    logger.exception("alert %s: rule evaluation failed", alert.spec.key)
-                    continue
-                count = mask.true_count
-                if count:
-                    last = pc.indices_nonzero(mask)[-1].as_py()
-                    matches.append(_Matched(alert, count, new.event(last), new.segment))
+        if len(new) and plan is not None:
+            try:
+                results = plan.evaluate(new)
+            except Exception:  # the events are kept: a rule bug must not fail the request
+                logger.exception("stream %s: rule evaluation failed", stream)
+                results = []
+            for result in results:
+                alert = alerts[result.alert]
+                if result.error is not None:  # this alert alone: the others are evaluated
+                    logger.error(
+                        "alert %s: rule evaluation failed",
+                        alert.spec.key,
+                        exc_info=result.error,
+                    )
+                elif len(result.rows):
+                    last = result.rows[-1].as_py()
+                    matches.append(_Matched(alert, len(result.rows), new.event(last), new.segment))
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class _Context:
         self.size = len(batch)
         self._columns: dict[str, pa.Array] = {}
         self._false: pa.BooleanArray | None = None
+        self._values: dict[tuple[str, ...], dict[int, list[Any]]] = {}
+        self.memo: dict[int, Any] = {}
+        """Results of shared nodes (`plan.py`), by node: computed once per batch."""
 
     def column(self, name: str) -> pa.Array:
         if name not in self._columns:
@@ -70,10 +73,31 @@ class _Context:
         mentioned = pc.match_substring_regex(texts, re.escape(f'"{key}"'))
         return pc.replace_with_mask(rows, rows, mentioned)
 
+    def path_values(self, path: tuple[str, ...], row: int) -> list[Any]:
+        """Every value at `path` in row `row`'s event, walked once per batch for all leaves."""
+        by_row = self._values.get(path)
+        if by_row is None:
+            by_row = self._values[path] = {}
+        values = by_row.get(row)
+        if values is None:
+            values = by_row[row] = list(paths.walk(self.batch.event(row), path))
+        return values
+
     def all_false(self) -> pa.BooleanArray:
         if self._false is None:
             self._false = pa.repeat(pa.scalar(False), self.size)
         return self._false
+
+
+@dataclass(frozen=True)
+class _PathTest:
+    """A per-value test on the values at a path of the raw event (a field without a column)."""
+
+    path: tuple[str, ...]
+    test: reference.ValueTest
+
+    def __call__(self, ctx: _Context, row: int) -> bool:
+        return any(self.test(value) for value in ctx.path_values(self.path, row))
 
 
 class _Node(Protocol):
@@ -105,11 +129,13 @@ def compile_rule(expr: Expr) -> CompiledRule:
     return CompiledRule(expr, _compile(expr))
 
 
-def _compile(expr: Expr) -> _Node:
+def _compile(expr: Expr, child: Callable[[Expr], _Node] | None = None) -> _Node:
+    """The node for `expr`; its operands are compiled by `child` (the plan's shared nodes)."""
+    child = child or _compile
     if isinstance(expr, Not):
-        return _Not(_compile(expr.operand))
+        return _Not(child(expr.operand))
     if isinstance(expr, And | Or):
-        operands = sorted((_compile(operand) for operand in expr.operands), key=_cost)
+        operands = sorted((child(operand) for operand in expr.operands), key=_cost)
         return _Junction(operands, conjunctive=isinstance(expr, And))
     if isinstance(expr, Compare | Exists):
         return _compile_leaf(expr)
@@ -126,11 +152,7 @@ def _compile_leaf(leaf: Compare | Exists) -> _Node:
     if typed is not None:
         return _compile_typed(leaf, typed, test)
     path = paths.event_path(leaf.field.segments)
-    field = leaf.field
-
-    def event_test(event: dict[str, Any]) -> bool:
-        return any(test(value) for value in reference.field_values(field, event))
-
+    event_test = _PathTest(path, test)
     if len(path) == 2 and path[0] == ANNOTATIONS and path[1] != ANY_KEY:
         kernel = _exists_kernel if isinstance(leaf, Exists) else _text_kernel(leaf)
         if kernel is not None:
@@ -502,7 +524,7 @@ class _AnnotationLeaf:
 
     key: str
     kernel: Kernel
-    event_test: Callable[[dict[str, Any]], bool]
+    event_test: _PathTest
     cost: int = PARTLY_PER_ROW
 
     def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
@@ -525,12 +547,13 @@ class _AnnotationLeaf:
 class _EventLeaf:
     """A comparison on a field with no column: tested on the raw events of the given rows."""
 
-    event_test: Callable[[dict[str, Any]], bool]
+    event_test: _PathTest
     cost: int = PER_ROW
 
     def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
         if rows is None:
-            return pa.array([self.event_test(event) for event in ctx.batch.events], pa.bool_())
+            events = ctx.batch.events  # every row parsed at once: faster than row by row
+            return pa.array([self.event_test(ctx, row) for row in range(len(events))], pa.bool_())
         return _redo_events(ctx, ctx.all_false(), rows, self.event_test)
 
 
@@ -538,13 +561,12 @@ def _redo_events(
     ctx: _Context,
     results: pa.BooleanArray,
     redo: pa.BooleanArray,
-    event_test: Callable[[dict[str, Any]], bool],
+    event_test: _PathTest,
 ) -> pa.BooleanArray:
     """`results`, with the rows in `redo` replaced by the event test on their raw events."""
     if redo.true_count == 0:
         return results
-    batch = ctx.batch
-    redone = [event_test(batch.event(row)) for row in pc.indices_nonzero(redo).to_pylist()]
+    redone = [event_test(ctx, row) for row in pc.indices_nonzero(redo).to_pylist()]
     return pc.replace_with_mask(results, redo, pa.array(redone, type=pa.bool_()))
 
 
