@@ -784,8 +784,11 @@ async def test_a_stream_deleted_and_recreated_keeps_its_alerts_and_last_match_is
             auth = ("apiserver", "one")
             assert (await post(http, url, stream, events, auth))[0] == 200
             expected = count(rule, events)
-            firing = await cluster.wait_for(
-                "AuditAlert", name, lambda o: o.get("status", {}).get("targets"), ns
+            firing = await cluster.wait_for(  # the first notice delivered: targets settled
+                "AuditAlert",
+                name,
+                lambda o: [t.get("sent") for t in o.get("status", {}).get("targets", [])] == [1],
+                ns,
             )
             assert (firing["status"]["state"], firing["status"]["matches"]) == ("Firing", expected)
 
