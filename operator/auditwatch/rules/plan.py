@@ -38,8 +38,8 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
   rows the condition matched, and counts the excepted rows in `AlertResult.excepted`.
 - `AlertResult.rows` (grouped thresholds, issue #12): the indices of the matching rows, so a
   grouped window can read the group-by column of exactly those rows.
-The engine builds the `PlanAlert`s from the AuditAlerts in `Engine._plan`; today it sets
-neither `scope` nor `unless`: that is where those features plug in.
+The engine builds the `PlanAlert`s from the AuditAlerts (`engine._stream_plan`): it sets
+`scope` from what the alert's stream grants it (`AlertSpec.scope`); `unless` is not used yet.
 """
 
 from __future__ import annotations
