@@ -242,7 +242,9 @@ def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
         ],
     )[0]
     assert warning["type"] == "Warning"
-    cluster.apply(alert("broken", 'verb = "get"'))
+    # A fixed rule no request of the suite matches: `verb = "get"` alone would match the
+    # suite's own kubectl calls, and the alert could be Firing before its first status write.
+    cluster.apply(alert("broken", 'verb = "get" and objectRef.name = "no-such-object"'))
     fixed = cluster.wait_for_object(
         "broken Listening again",
         lambda a: a.get("status", {}).get("state") == "Listening",

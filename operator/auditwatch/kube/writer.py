@@ -95,8 +95,8 @@ class StatusWriter:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             started = loop.time()
+            self._wakeup.clear()  # before the write: a poke arriving during it is kept
             await self._write_logged()
-            self._wakeup.clear()
             waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wakeup.wait())}
             try:
                 await asyncio.wait(waits, timeout=self.interval, return_when="FIRST_COMPLETED")
