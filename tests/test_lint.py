@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import yaml
+
+from auditwatch.config.build import build_alert
+from auditwatch.config.model import ConfigError
 from auditwatch.lint import lint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +69,17 @@ def test_rule_errors_carry_the_position(tmp_path: Path) -> None:
         r".* at line 1, column \d+",
         line,
     ), line
+
+
+def test_lint_reports_a_rule_error_where_the_operator_does(tmp_path: Path) -> None:
+    """The column lint prints is the one the alert's Invalid condition shows."""
+    text = ALERT.replace("RULE", """'verb = "get" and and objectRef.resource = "secrets"'""")
+    path = write(tmp_path / "a.yaml", text)
+    [line] = lint([path])
+    with pytest.raises(ConfigError) as caught:
+        build_alert(yaml.safe_load(text), lambda *_: "https://hooks.example/x")
+    assert "column 22" in caught.value.message
+    assert line.endswith(caught.value.message), (line, caught.value.message)
 
 
 def test_field_combinations_the_schema_cannot_express(tmp_path: Path) -> None:
