@@ -31,7 +31,6 @@ from auditwatch.alerts import (
     ALERTMANAGER_REFRESH_INTERVAL,
     AlertState,
     AlertTracker,
-    EventSummary,
     Notice,
     SnapshotError,
     continues,
@@ -211,20 +210,19 @@ class GroupedTracker:
 
     # -- reporting and persistence ----------------------------------------------------------
 
+    def _whole(self) -> AlertTracker:
+        """The alert as a whole, held as an ungrouped alert's tracker holds it (without targets:
+        its groups notify), for the status and snapshot fields they share."""
+        whole = AlertTracker(self._group_spec)
+        whole.state, whole.total, whole.sequence = self.state, self.total, self.sequence
+        whole.last_match_time, whole.last_event = self.last_match_time, self.last_event
+        whole.fired_at, whole.resolved_at = self.fired_at, self.resolved_at
+        return whole
+
     def status(self) -> dict[str, Any]:
         """The alert's part of an AuditAlert status: as an ungrouped alert's, plus `groups`."""
         top = sorted(self._firing.items(), key=lambda item: -item[1].total)[:TOP_GROUPS]
-        return {
-            "state": self.state,
-            "matches": self.total,
-            "lastMatchTime": None
-            if self.last_match_time is None
-            else self.last_match_time.isoformat(),
-            "lastMatch": None
-            if self.last_event is None
-            else EventSummary.of(self.last_event).as_status(),
-            "firedAt": None if self.fired_at is None else self.fired_at.isoformat(),
-            "resolvedAt": None if self.resolved_at is None else self.resolved_at.isoformat(),
+        return self._whole().status() | {
             "groups": {
                 "firing": len(self._firing),
                 "pending": len(self._pending),
@@ -233,9 +231,7 @@ class GroupedTracker:
                     {
                         "group": dict(self._group(key)),
                         "matches": tracker.total,
-                        "firedAt": None
-                        if tracker.fired_at is None
-                        else tracker.fired_at.isoformat(),
+                        "firedAt": tracker.status()["firedAt"],
                     }
                     for key, tracker in top
                 ],
@@ -244,13 +240,7 @@ class GroupedTracker:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything needed to continue after a restart, as JSON-ready data."""
-        whole = AlertTracker(self._group_spec)
-        whole.state, whole.total, whole.sequence = self.state, self.total, self.sequence
-        whole.last_match_time, whole.last_event = self.last_match_time, self.last_event
-        whole.fired_at, whole.resolved_at = self.fired_at, self.resolved_at
-        return whole.snapshot() | {
-            "state": self.state,
-            "targets": {},
+        return self._whole().snapshot() | {
             "threshold": threshold_identity(self.spec),
             "groups": {
                 "evicted": self.evicted,
