@@ -224,9 +224,26 @@ def extra_alerts(args: argparse.Namespace) -> list[dict[str, Any]]:
     return detection_alerts(args.tenants) if args.library or args.tenants else []
 
 
-def write_resources(directory: Path, sink_url: str, extra: list[dict[str, Any]]) -> None:
+GROUPED_THRESHOLD = {"count": 5, "window": "1m", "groupBy": ["user.username"]}
+"""What `--grouped` gives alerts: 5 matches per user within a minute of event time."""
+
+
+def grouped(alert: AlertDef) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The rule and threshold of `alert` as a grouped alert: per user, 5 within a minute (the
+    canary 1, so that every canary still fires); a column rule's `repeats` gives way to it."""
+    config = alert.config
+    if isinstance(config, dict):
+        config = {key: value for key, value in config.items() if key != "repeats"}
+    count = 1 if alert.name == "canary" else GROUPED_THRESHOLD["count"]
+    return {"type": alert.rule_type, "config": config}, GROUPED_THRESHOLD | {"count": count}
+
+
+def write_resources(
+    directory: Path, sink_url: str, extra: list[dict[str, Any]], grouped_alerts: int = 0
+) -> None:
     """The AuditStream (basic auth, as the apiserver's kubeconfig or Vector would use), its
-    Secret, the 10 AuditAlerts, each with a webhook target at the sink, and `extra` alerts."""
+    Secret, the 10 AuditAlerts, each with a webhook target at the sink, and `extra` alerts.
+    The first `grouped_alerts` of the 10 get a threshold per user (`grouped`)."""
     documents: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
@@ -239,11 +256,20 @@ def write_resources(directory: Path, sink_url: str, extra: list[dict[str, Any]])
             "apiVersion": "auditwatch.dev/v1alpha1",
             "kind": "AuditStream",
             "metadata": {"name": STREAM},
-            "spec": {"auth": {"basic": {"secretRef": {"name": "bench-ingest"}}}},
+            # Every alert sees the whole stream, as before tenancy scoped alerts to their own
+            # namespace's events by default.
+            "spec": {
+                "auth": {"basic": {"secretRef": {"name": "bench-ingest"}}},
+                "allowedAlerts": {"clusterWide": {"from": "All"}},
+            },
         },
     ]
-    for alert in ALERTS:
+    for number, alert in enumerate(ALERTS):
         canary = alert.name == "canary"
+        rule: dict[str, Any] = {"type": alert.rule_type, "config": alert.config}
+        threshold: dict[str, Any] = {}
+        if number < grouped_alerts:
+            rule, threshold = grouped(alert)
         documents.append(
             {
                 "apiVersion": "auditwatch.dev/v1alpha1",
@@ -252,7 +278,7 @@ def write_resources(directory: Path, sink_url: str, extra: list[dict[str, Any]])
                 "spec": {
                     "stream": STREAM,
                     "message": "{user_username} {verb} {objectRef_resource} {objectRef_name}",
-                    "rule": {"type": alert.rule_type, "config": alert.config},
+                    "rule": rule,
                     "targets": [
                         {
                             "type": "webhook",
@@ -265,7 +291,8 @@ def write_resources(directory: Path, sink_url: str, extra: list[dict[str, Any]])
                     ],
                     "resolveAfter": alert.resolve_after,
                     "severity": "high" if canary else "medium",
-                },
+                }
+                | ({"threshold": threshold} if threshold else {}),
             }
         )
     documents += extra
@@ -518,7 +545,7 @@ async def run(args: argparse.Namespace, workload: Workload, work: Path) -> dict[
     await sink_runner.setup()
     sink_port = free_port()
     await web.TCPSite(sink_runner, "127.0.0.1", sink_port).start()
-    write_resources(resources, f"http://127.0.0.1:{sink_port}", extra_alerts(args))
+    write_resources(resources, f"http://127.0.0.1:{sink_port}", extra_alerts(args), args.grouped)
 
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
@@ -762,6 +789,14 @@ def main() -> None:
     parser.add_argument(
         "--tenants", type=int, default=0, help="and N tenants' copies of it (implies --library)"
     )
+    parser.add_argument(
+        "--grouped",
+        type=int,
+        default=0,
+        choices=range(len(ALERTS) + 1),
+        metavar=f"0..{len(ALERTS)}",
+        help="give the first N of the 10 alerts a threshold: 5 per user.username within 1m",
+    )
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -769,7 +804,8 @@ def main() -> None:
     shares = selectivity(workload)
     print(f"{args.templates} bodies of {EVENTS_PER_POST} events "
           f"(mean {sum(map(len, workload.bodies)) / len(workload.bodies) / 1024:.0f} KiB) "
-          f"generated in {time.perf_counter() - started:.1f} s; {len(ALERTS)} alerts"
+          f"generated in {time.perf_counter() - started:.1f} s; "
+          f"{len(ALERTS)} alerts ({args.grouped} grouped)"
           f"{' + the library' if args.library or args.tenants else ''}"
           f"{f' and {args.tenants} tenants' if args.tenants else ''}; "
           f"{args.connections} connection(s) from {args.processes} process(es); "

@@ -127,10 +127,15 @@ def test_lint_accepts_the_examples() -> None:
 def test_lint_reads_what_kubectl_kustomize_prints(tmp_path: Path) -> None:
     """kubectl kustomize prints a column rule's `operator: =` unquoted (YAML 1.1's value tag);
     kubectl reads it as the string "=", and so must lint."""
-    text = (EXAMPLES / "detections" / "k8s-request-denied-burst.yaml").read_text()
-    assert 'operator: "="' in text
+    alert = yaml.safe_load((EXAMPLES / "standalone" / "secret-read-alert.yaml").read_text())
+    alert["spec"]["rule"] = {
+        "type": "column",
+        "config": {"column": "responseStatus_code", "operator": "=", "value": 403, "repeats": 5},
+    }
+    text = yaml.safe_dump(alert, sort_keys=False)
+    assert "operator: '='" in text
     path = tmp_path / "kustomized.yaml"
-    path.write_text(text.replace('operator: "="', "operator: ="))
+    path.write_text(text.replace("operator: '='", "operator: ="))
     result = run("lint", path)
     assert (result.exit_code, result.output) == (0, "1 file(s), 1 resource(s): ok\n")
 

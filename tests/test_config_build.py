@@ -422,3 +422,67 @@ def test_an_unknown_source_is_refused_by_the_schema() -> None:
     with pytest.raises(ConfigError, match="Everyone") as caught:
         build_stream(stream(allowedAlerts={"namespaces": {"from": "Everyone"}}), NO_SECRETS)
     assert caught.value.reason == "InvalidSpec"
+
+
+def test_threshold_per_group_with_fields_spelled_as_in_rules() -> None:
+    threshold = {"count": 5, "window": "1m", "groupBy": ["user.username", "objectRef_namespace"]}
+    spec = build_alert(alert(threshold=threshold), NO_SECRETS)
+    assert spec.threshold == model.ThresholdSpec(
+        count=5,
+        window=timedelta(minutes=1),
+        group_by=("user.username", "objectRef_namespace"),
+        columns=("user_username", "objectRef_namespace"),
+        max_groups=model.DEFAULT_MAX_GROUPS,
+    )
+    assert build_alert(alert(), NO_SECRETS).threshold is None
+
+
+@pytest.mark.parametrize(
+    ("threshold", "reason", "message"),
+    [
+        (
+            {"count": 5, "window": "1m", "groupBy": ["user.groups"]},
+            "InvalidSpec",
+            "spec.threshold.groupBy[0]: cannot group by 'user.groups'",
+        ),
+        (
+            {"count": 5, "window": "1m", "groupBy": ["user.username", "user..name"]},
+            "InvalidSpec",
+            "spec.threshold.groupBy[1]: not a field name (",
+        ),
+        (
+            {"count": 5, "window": "1m", "groupBy": ["user.username", "user_username"]},
+            "InvalidSpec",
+            "spec.threshold.groupBy: a field is named twice",
+        ),
+        ({"count": 5, "window": "a minute"}, "InvalidSpec", "spec.threshold.window: "),
+        ({"count": 5, "window": "0s"}, "InvalidSpec", "spec.threshold.window: must be longer"),
+        ({"count": 0, "window": "1m"}, "InvalidSpec", "spec.threshold.count: "),
+        ({"window": "1m"}, "InvalidSpec", "spec.threshold.count: required field is missing"),
+        ({"count": 5, "window": "1m", "maxGroups": 0}, "InvalidSpec", "spec.threshold.maxGroups"),
+    ],
+)
+def test_a_bad_threshold_is_invalid_saying_where(
+    threshold: dict[str, Any], reason: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_alert(alert(threshold=threshold), NO_SECRETS)
+    assert caught.value.reason == reason
+    assert message in caught.value.message
+
+
+def test_a_group_field_error_has_its_position() -> None:
+    with pytest.raises(ConfigError) as caught:
+        build_alert(
+            alert(threshold={"count": 2, "window": "1m", "groupBy": ["user.x y"]}), NO_SECRETS
+        )
+    assert "line 1, column 8" in caught.value.message
+    cause = caught.value.__cause__
+    assert isinstance(cause, RuleError)
+    assert cause.pretty().splitlines()[:2] == ["user.x y", "       ^"]
+
+
+def test_repeats_and_a_threshold_do_not_go_together() -> None:
+    rule = {"type": "column", "config": {"column": "verb", "value": "get", "repeats": 3}}
+    with pytest.raises(ConfigError, match=r"use threshold\.count"):
+        build_alert(alert(rule=rule, threshold={"count": 5, "window": "1m"}), NO_SECRETS)

@@ -88,6 +88,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     resources = tmp_path / "resources"
     write_yaml(resources / "stream.yaml", stream_doc("crash"))
     write_yaml(resources / "alert.yaml", alert_doc("gets", "crash", 'verb = "get"', None))
+    grouped = alert_doc("gets-per-user", "crash", 'verb = "get"', None)
+    grouped["spec"]["threshold"] = {"count": 50, "window": "1m", "groupBy": ["user.username"]}
+    write_yaml(resources / "grouped.yaml", grouped)
     running = Server(resources, tmp_path / "data", free_port(), tmp_path / "server.log")
     yield running
     if running.process is not None:
@@ -179,9 +182,15 @@ KILLS = 20
 
 
 async def alert_matches(session: aiohttp.ClientSession, server: Server) -> int:
+    """The matches of both alerts on `verb = "get"`, the grouped one's and the plain one's:
+    equal, as both count every matching event stored."""
     async with session.get(server.url + "/api/v1/status") as response:
         status = await response.json()
-    return int(status["alerts"]["default/gets"]["matches"])
+    plain, grouped = (
+        int(status["alerts"][key]["matches"]) for key in ("default/gets", "default/gets-per-user")
+    )
+    assert grouped == plain
+    return plain
 
 
 def matching_stored(server: Server) -> int:

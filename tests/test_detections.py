@@ -23,11 +23,14 @@ import yaml
 from tests.sample_data import SAMPLES
 
 from auditwatch import paths
+from auditwatch.config.build import build_alert
 from auditwatch.decode import decode_file
+from auditwatch.groups import GroupedTracker
 from auditwatch.normalise import normalise
 from auditwatch.rules.ast import Rule
 from auditwatch.rules.evaluate import compile_rule
 from auditwatch.rules.parse import parse_rule
+from auditwatch.rules.plan import PlanAlert, StreamPlan
 from auditwatch.rules.reference import matches
 
 REPO = Path(__file__).resolve().parent.parent
@@ -540,33 +543,77 @@ def test_anonymous_request_allowed() -> None:
 
 
 def test_request_denied_burst() -> None:
+    """Each refusal by the authorizer counts; a 403 the authorizer allowed (admission) does not."""
     expect(
         "k8s-request-denied-burst",
         fires=[
-            *IMPERSONATION_403S,
+            *IMPERSONATION_403S,  # the impersonation check refuses without a decision annotation
             RECON_SECRET_LIST_403,
             RECON_EVENTS_LIST_403,
             "anonymous-list-secrets-forbidden",
-            "pod-privileged-denied-by-pod-security",
             "secret-get-denied-for-developer",
         ],
-        silent=[IMPERSONATED_POD_LIST_200, "secret-get-not-found", SEKOIA_POD_LIST],
+        silent=[
+            "pod-privileged-denied-by-pod-security",  # 403 with decision "allow"
+            IMPERSONATED_POD_LIST_200,
+            "secret-get-not-found",
+            SEKOIA_POD_LIST,
+        ],
     )
 
 
-def test_request_denied_burst_needs_repeats() -> None:
-    """The impersonation log (11 denials) reaches the threshold; the CTF recon (2) does not."""
-    rule = detections()["k8s-request-denied-burst"].rule
-    assert rule.repeats > 1
+def burst_groups(events: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The groups k8s-request-denied-burst fires for on `events` (one request), as the engine
+    runs it: the stream's plan, then the alert's grouped threshold (the detection has no
+    targets: its status tells)."""
+    spec = build_alert(detections()["k8s-request-denied-burst"].resource, lambda *_: None)
+    assert spec.threshold is not None
+    tracker = GroupedTracker(spec)
+    plan = StreamPlan([PlanAlert(spec.key, spec.rule.condition, group_by=spec.threshold.columns)])
+    batch = normalise(events, received_at=datetime.now(UTC))
+    for result in plan.evaluate(batch):
+        assert result.groups is not None
+        tracker.observe_groups(result.groups, batch.event, datetime.now(UTC))
+    return [entry["group"] for entry in tracker.status()["groups"]["top"]]
 
-    def denials(log: str) -> int:
-        return sum(matches(rule.condition, e) for e in decode_file(SAMPLES_DIR / log))
 
+def again(label_or_id: str, user: str, seconds: list[int]) -> list[dict[str, Any]]:
+    """A corpus event re-sent by `user` at these seconds of event time (fresh auditIDs)."""
+    [event] = [e for e in corpus() if label(e) == label_or_id]
+    return [
+        event
+        | {
+            "auditID": f"{event['auditID'][:-8]}{user[:4]}{at:04d}",
+            "user": {"username": user},
+            "stageTimestamp": f"2025-06-01T10:{at // 60:02d}:{at % 60:02d}.000000Z",
+        }
+        for at in seconds
+    ]
+
+
+def test_request_denied_burst_fires_per_user_within_a_minute() -> None:
+    """Five refusals of one user within a minute fire, for that user; what issue #12 saw fire
+    (403s spread over minutes, from several users) and what issue #15 saw fire (403s the
+    authorizer allowed) stays quiet."""
+    threshold = detections()["k8s-request-denied-burst"].resource["spec"]["threshold"]
+    assert (threshold["count"], threshold["window"]) == (5, "1m")
+    denied = "secret-get-denied-for-developer"
+    assert burst_groups(again(denied, "mallory", [0, 10, 20, 30, 55])) == [
+        {"user.username": "mallory"}
+    ]
+    # The impersonation log: 11 refusals over 34 minutes, at most 4 within a minute.
+    assert burst_groups(decode_file(SAMPLES_DIR / "impersonation-and-403s.log")) == []
+    assert burst_groups(decode_file(SAMPLES_DIR / "secret-recon-then-exec.log")) == []
     assert (
-        denials("impersonation-and-403s.log")
-        >= rule.repeats
-        > denials("secret-recon-then-exec.log")
-    )
+        burst_groups(again(denied, "mallory", [0, 20, 40, 60, 80, 100])) == []
+    )  # 1 a 20 s... 3/min
+    five_users = [e for n in range(5) for e in again(denied, f"user-{n}", [n])]
+    assert burst_groups(five_users) == []
+    admission = again("pod-privileged-denied-by-pod-security", "dev", [0, 1, 2, 3, 4, 5])
+    assert burst_groups(admission) == []
+    # The same burst among other users' refusals still fires for its user alone.
+    mixed = five_users + again(denied, "mallory", [0, 1, 2, 3, 4])
+    assert burst_groups(mixed) == [{"user.username": "mallory"}]
 
 
 # ---------------------------------------------------------------------------------------------

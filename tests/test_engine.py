@@ -636,3 +636,91 @@ async def test_a_deleted_alert_loses_its_kept_state(
     status = alert_status(engine, spec.key)
     assert (status["state"], status["matches"], status["targets"]) == ("Listening", 0, [])
     await engine.close()
+
+
+def grouped_alert(endpoint: str, **threshold: Any) -> AlertSpec:
+    """Refusals per user: `threshold` over the default of 3 within a minute."""
+    document = alert_doc("refusals", "audit", "responseStatus.code = 403", endpoint)
+    document["spec"]["threshold"] = {"count": 3, "window": "1m", "groupBy": ["user.username"]}
+    document["spec"]["threshold"] |= threshold
+    return build_alert(document, no_secrets)
+
+
+def refusals(user: str, *seconds: int) -> list[dict[str, Any]]:
+    """403s by `user` at these seconds of event time."""
+    return [
+        synthetic_events(f"{user}-{at}", 1, user={"username": user}, responseStatus={"code": 403})[
+            0
+        ]
+        | {"stageTimestamp": f"2026-03-01T10:{at // 60:02}:{at % 60:02}.000000Z"}
+        for at in seconds
+    ]
+
+
+async def test_a_grouped_threshold_fires_per_user_and_survives_a_restart(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    data = tmp_path / "data"
+    spec = grouped_alert(sink.url)
+    first = Engine(data)
+    first.apply(streams("audit"), alerts(spec))
+    # One request with refusals of three users: only eve has three within a minute.
+    await ingest(first, refusals("eve", 0, 20, 50) + refusals("bob", 0, 70) + refusals("ann", 5))
+    await settle(first)
+    [firing] = sink.bodies("firing")
+    assert firing["group"] == {"user.username": "eve"}
+    assert firing["count"] == firing["total"] == 3 and firing["event"]["user"] == "eve"
+    status = alert_status(first, spec.key)
+    assert status["state"] == "Firing" and status["matches"] == 6
+    assert status["groups"]["firing"] == 1 and status["groups"]["pending"] == 2
+    await first.close()
+
+    second = Engine(data)
+    second.apply(streams("audit"), alerts(spec))
+    assert alert_status(second, spec.key)["groups"] == status["groups"]
+    # bob's refusal at 70 s was kept across the restart: two more make three in a minute.
+    await ingest(second, refusals("bob", 80, 100))
+    await settle(second)
+    assert [body["group"] for body in sink.bodies("firing")] == [
+        {"user.username": "eve"},
+        {"user.username": "bob"},
+    ]
+    assert alert_status(second, spec.key)["matches"] == 8
+    await second.close()
+
+
+async def test_groups_dropped_at_the_cap_are_counted_in_metrics(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    engine = Engine(tmp_path / "data")
+    spec = grouped_alert(sink.url, maxGroups=2)
+    engine.apply(streams("audit"), alerts(spec))
+    await ingest(engine, [event for user in "abcde" for event in refusals(user, 0)])
+    assert alert_status(engine, spec.key)["groups"]["evicted"] == 3
+    exposition = engine.metrics.exposition().decode()
+    assert 'auditwatch_alert_groups_evicted_total{alert="default/refusals"} 3.0' in exposition
+    await engine.close()
+
+
+async def test_repeats_counts_matches_within_resolve_after_not_in_a_row(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    """As documented: events that do not match in between do not reset the count (Parseable's
+    "in a row" would never fire on an interleaved audit stream)."""
+    document = alert_doc("denied", "audit", "", sink.url, resolve_after="1h")
+    document["spec"]["rule"] = {
+        "type": "column",
+        "config": {"column": "responseStatus_code", "value": 403, "repeats": 3},
+    }
+    spec = build_alert(document, no_secrets)
+    engine = Engine(tmp_path / "data")
+    engine.apply(streams("audit"), alerts(spec))
+    for n in range(2):
+        await ingest(engine, synthetic_events(f"denied-{n}", 1, responseStatus={"code": 403}))
+        await ingest(engine, synthetic_events(f"allowed-{n}", 5))
+    assert alert_status(engine, spec.key)["state"] == "Listening"
+    await ingest(engine, synthetic_events("denied-2", 1, responseStatus={"code": 403}))
+    await settle(engine)
+    assert alert_status(engine, spec.key)["state"] == "Firing"
+    assert [body["count"] for body in sink.bodies("firing")] == [3]
+    await engine.close()

@@ -26,9 +26,11 @@ from tests.sample_data import SAMPLES
 
 from alertmanager_fixture import alertmanager
 from auditwatch.alerts import AlertTracker, Notice
-from auditwatch.config.model import AlertSpec, RepeatSpec, TargetSpec
+from auditwatch.config.model import AlertSpec, RepeatSpec, TargetSpec, ThresholdSpec
+from auditwatch.groups import GroupedTracker
 from auditwatch.notify import Notifier, RetryPolicy
 from auditwatch.rules.ast import Compare, Field, Op, Rule
+from auditwatch.rules.window import GroupedRows
 
 __all__ = ["alertmanager"]  # the fixture is used by name below
 
@@ -387,6 +389,63 @@ async def test_real_alertmanager_shows_then_clears_the_alert(alertmanager: str) 
         await notifier.deliver_all(spec, resolved)
         assert notifier.record(spec.key, "alertmanager").failed == 0
         assert await alertmanager_alerts(session, alertmanager) == []
+
+
+def grouped_firing(
+    spec: AlertSpec, users: list[str], at: datetime
+) -> tuple[GroupedTracker, list[Notice]]:
+    """`spec` with a threshold of one exec per user, fired by one exec of each of `users`."""
+    grouped = replace(
+        spec,
+        threshold=ThresholdSpec(1, timedelta(minutes=1), ("user.username",), ("user_username",)),
+    )
+    events = [EXEC_EVENT | {"user": {"username": user}} for user in users]
+    rows = GroupedRows(
+        keys=[(user,) for user in users],
+        counts=[1] * len(users),
+        last_rows=list(range(len(users))),
+        times=[[0]] * len(users),
+    )
+    tracker = GroupedTracker(grouped)
+    return tracker, tracker.observe_groups(rows, events.__getitem__, at)
+
+
+async def test_every_target_names_the_group_of_a_grouped_threshold() -> None:
+    async with serve(answers()) as (url, seen):
+        spec = make_spec(make_target(f"{url}/hook"), make_target(f"{url}/chat", "slack"))
+        tracker, notices = grouped_firing(spec, ["alice"], T0)
+        async with Notifier(retry=FAST) as notifier:
+            await notifier.deliver_all(tracker.spec, notices)
+    hook = next(json.loads(body) for path, _, body in seen.requests if path == "/hook")
+    chat = next(json.loads(body) for path, _, body in seen.requests if path == "/chat")
+    assert hook["group"] == {"user.username": "alice"}
+    assert hook["event"]["user"] == "alice"
+    assert chat["text"].startswith("[FIRING] sec/pod-exec [user.username=alice] (stream audit)")
+
+
+async def test_real_alertmanager_holds_one_alert_per_group(alertmanager: str) -> None:
+    spec = make_spec(make_target(alertmanager, "alertmanager"))
+    started = datetime.now(UTC) - timedelta(seconds=90)
+    tracker, notices = grouped_firing(spec, ["alice", "bob"], started)
+    async with Notifier(retry=FAST) as notifier, aiohttp.ClientSession() as session:
+        await notifier.deliver_all(tracker.spec, notices)
+        active = await alertmanager_alerts(session, alertmanager)
+        assert sorted(alert["labels"]["user_username"] for alert in active) == ["alice", "bob"]
+        assert all(alert["labels"]["alertname"] == "pod-exec" for alert in active)
+        # alice is at it again 50 s later, bob is quiet: his group resolves on its own.
+        alice = GroupedRows(keys=[("alice",)], counts=[1], last_rows=[0], times=[[1]])
+        alice_again = EXEC_EVENT | {"user": {"username": "alice"}}
+        await notifier.deliver_all(
+            tracker.spec,
+            tracker.observe_groups(alice, lambda row: alice_again, started + timedelta(seconds=50)),
+        )
+        resolved = tracker.tick(datetime.now(UTC))
+        assert [(n.kind, dict(n.group)) for n in resolved] == [
+            ("resolved", {"user.username": "bob"})
+        ]
+        await notifier.deliver_all(tracker.spec, resolved)
+        active = await alertmanager_alerts(session, alertmanager)
+        assert [alert["labels"]["user_username"] for alert in active] == ["alice"]
 
 
 class StubResolver(AbstractResolver):

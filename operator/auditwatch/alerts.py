@@ -163,6 +163,9 @@ class Notice:
     resolved_at: datetime | None
     sequence: int
     """Increases with every notice of this alert, across restarts: a receiver can de-duplicate."""
+    group: tuple[tuple[str, str], ...] = ()
+    """With a grouped threshold: the group this notice is about, (field, value) in `groupBy`
+    order; `count`, `total` and the times are then the group's own."""
 
     @property
     def state(self) -> Literal["firing", "resolved"]:
@@ -218,12 +221,22 @@ def _parse_int(value: Any, what: str) -> int:
     return value
 
 
+def threshold_identity(spec: AlertSpec) -> list[Any] | None:
+    """What of a threshold its saved counts depend on (None without one), as JSON."""
+    threshold = spec.threshold
+    if threshold is None:
+        return None
+    return [threshold.count, threshold.window.total_seconds(), list(threshold.columns)]
+
+
 def continues(spec: AlertSpec, snapshot: dict[str, Any]) -> bool:
-    """Whether a tracker restored from `snapshot` keeps its matches: same stream and rule."""
+    """Whether a tracker restored from `snapshot` keeps its matches: same stream, rule and
+    threshold."""
     return (
         snapshot.get("stream") == spec.stream
         and snapshot.get("ruleType") == spec.rule_type
         and snapshot.get("ruleText") == spec.rule_text
+        and snapshot.get("threshold") == threshold_identity(spec)
     )
 
 

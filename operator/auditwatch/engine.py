@@ -27,10 +27,12 @@ from auditwatch import exactjson
 from auditwatch.alerts import AlertTracker, Notice, SnapshotError, continues, kept_status
 from auditwatch.config.build import check_stream
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
+from auditwatch.groups import GroupedTracker
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch, from_table
 from auditwatch.notify import Notifier
 from auditwatch.rules.plan import PlanAlert, StreamPlan
+from auditwatch.rules.window import GroupedRows
 from auditwatch.status import ALERT_KEY, STREAM_KEY, Conditions, alert_status, iso, stream_status
 from auditwatch.store import Store
 
@@ -49,10 +51,18 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+Tracker = AlertTracker | GroupedTracker
+
+
+def _tracker_type(spec: AlertSpec) -> type[AlertTracker] | type[GroupedTracker]:
+    """Alerts with a threshold count per group (groups.py), the others as a whole."""
+    return AlertTracker if spec.threshold is None else GroupedTracker
+
+
 @dataclass
 class _LiveAlert:
     spec: AlertSpec
-    tracker: AlertTracker
+    tracker: Tracker
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,24 @@ class _Matched:
     latest: dict[str, Any]
     segment: str | None
     """The staging segment holding the events (see `Engine._staged_matches`)."""
+    groups: GroupedRows | None = None
+    """With a threshold: the matches by group; `event` reads the rows they name (each
+    parsed once: the last row is already, by the time the tracker reads it)."""
+    event: Callable[[int], dict[str, Any]] | None = None
 
 
 def _stream_plan(alerts: Sequence[_LiveAlert]) -> StreamPlan:
     """All `alerts` of one stream compiled together, each seeing what its stream grants it."""
     return StreamPlan(
-        [PlanAlert(a.spec.key, a.spec.rule.condition, scope=a.spec.scope) for a in alerts]
+        [
+            PlanAlert(
+                a.spec.key,
+                a.spec.rule.condition,
+                scope=a.spec.scope,
+                group_by=None if a.spec.threshold is None else a.spec.threshold.columns,
+            )
+            for a in alerts
+        ]
     )
 
 
@@ -236,16 +258,18 @@ class Engine:
         current = self._alerts.get(key)
         if current is not None and current.spec == spec:
             return current
+        kind = _tracker_type(spec)
+        tracker: Tracker
         if current is not None:
-            tracker = AlertTracker.restore(spec, current.tracker.snapshot())
+            tracker = kind.restore(spec, current.tracker.snapshot())
         elif key in self._saved:
             try:
-                tracker = AlertTracker.restore(spec, self._saved[key])
+                tracker = kind.restore(spec, self._saved[key])
             except SnapshotError as error:
                 logger.warning("alert %s: saved state ignored: %s", key, error)
-                tracker = AlertTracker(spec)
+                tracker = kind(spec)
         else:
-            tracker = AlertTracker(spec)
+            tracker = kind(spec)
         self._dirty = True
         return _LiveAlert(spec, tracker)
 
@@ -298,7 +322,7 @@ class Engine:
                 if match.segment is not None:
                     per_segment = self._staged_matches.setdefault(key, {})
                     per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
-                notices = match.alert.tracker.observe(match.count, match.latest, now)
+                notices = self._observe(match, now)
                 self._deliver(match.alert.spec, notices)
                 notified = notified or bool(notices)
         if matches:
@@ -308,6 +332,18 @@ class Engine:
             # alone wait for the next tick (MAX_TICK): saving them per request cost an fsync each.
             self._wake()
         return {"received": received, "stored": stored, "duplicates": received - stored}
+
+    def _observe(self, match: _Matched, now: datetime) -> list[Notice]:
+        """One request's matches fed to the alert's tracker; groups dropped are counted."""
+        tracker = match.alert.tracker
+        if isinstance(tracker, AlertTracker):
+            return tracker.observe(match.count, match.latest, now)
+        assert match.groups is not None and match.event is not None
+        evicted = tracker.evicted
+        notices = tracker.observe_groups(match.groups, match.event, now)
+        if tracker.evicted > evicted:
+            self.metrics.groups_evicted.labels(match.alert.spec.key).inc(tracker.evicted - evicted)
+        return notices
 
     def _store_and_match(
         self,
@@ -339,8 +375,12 @@ class Engine:
                         exc_info=result.error,
                     )
                 elif len(result.rows):
-                    last = result.rows[-1].as_py()
-                    matches.append(_Matched(alert, len(result.rows), new.event(last), new.segment))
+                    last = new.event(result.rows[-1].as_py())  # parsed here, off the loop
+                    matches.append(
+                        _Matched(
+                            alert, len(result.rows), last, new.segment, result.groups, new.event
+                        )
+                    )
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ class Metrics:
             ["alert"],
             registry=self.registry,
         )
+        self.groups_evicted = Counter(
+            "auditwatch_alert_groups_evicted",
+            "Groups of an alert's grouped threshold dropped at its maxGroups cap (the pending "
+            "group updated longest ago, or a new group when every kept one is firing).",
+            ["alert"],
+            registry=self.registry,
+        )
         self.notifications_sent = Counter(
             "auditwatch_notifications_sent",
             "Notifications a target accepted.",

@@ -31,9 +31,11 @@ from auditwatch.config.model import (
     StreamSpec,
     TargetSpec,
     TargetType,
+    ThresholdSpec,
 )
 from auditwatch.rules.errors import RuleError
 from auditwatch.rules.parse import parse_rule
+from auditwatch.rules.window import group_column
 
 SecretLookup = Callable[[str | None, str, str], str | None]
 """(namespace, Secret name, key) -> the value; SecretMissing (or None) when the Secret or the
@@ -253,9 +255,38 @@ def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec
         message=spec["message"],
         targets=_targets(spec.get("targets", []), namespace, secrets),
         resolve_after=_duration(spec["resolveAfter"], "spec.resolveAfter"),
+        threshold=_threshold(spec.get("threshold"), rule.repeats),
         severity=spec.get("severity"),
         labels=dict(spec.get("labels", {})),
         generation=metadata.get("generation", 1),
+    )
+
+
+def _threshold(threshold: Mapping[str, Any] | None, repeats: int) -> ThresholdSpec | None:
+    """The grouped threshold; each groupBy field is checked as rules check fields."""
+    if threshold is None:
+        return None
+    if repeats > 1:
+        raise ConfigError(
+            "InvalidSpec",
+            "spec.threshold: a column rule with repeats cannot also have a threshold "
+            "(use threshold.count)",
+        )
+    fields = tuple(threshold.get("groupBy", ()))
+    columns = []
+    for index, text in enumerate(fields):
+        try:
+            columns.append(group_column(text))
+        except RuleError as error:
+            raise ConfigError("InvalidSpec", f"spec.threshold.groupBy[{index}]: {error}") from error
+    if len(set(columns)) < len(columns):
+        raise ConfigError("InvalidSpec", "spec.threshold.groupBy: a field is named twice")
+    return ThresholdSpec(
+        count=threshold["count"],
+        window=_duration(threshold["window"], "spec.threshold.window"),
+        group_by=fields,
+        columns=tuple(columns),
+        max_groups=threshold["maxGroups"],
     )
 
 

@@ -160,6 +160,23 @@ class TargetSpec:
     timeout: timedelta = DEFAULT_TARGET_TIMEOUT
 
 
+DEFAULT_MAX_GROUPS = 1000
+"""Groups a grouped threshold tracks at once, unless `threshold.maxGroups` says otherwise."""
+
+
+@dataclass(frozen=True)
+class ThresholdSpec:
+    """`count` matches within `window` of event time, per group of `group_by` values."""
+
+    count: int
+    window: timedelta
+    group_by: tuple[str, ...] = ()
+    """The fields as written (`user.username`): names of the group in notices and status."""
+    columns: tuple[str, ...] = ()
+    """The typed column of each `group_by` field (`rules.window.group_column`)."""
+    max_groups: int = DEFAULT_MAX_GROUPS
+
+
 @dataclass(frozen=True)
 class AlertSpec:
     """An AuditAlert: a rule over a stream, a message, targets."""
@@ -178,6 +195,9 @@ class AlertSpec:
     labels: dict[str, str] = field(default_factory=dict)
     """Extra labels sent to Alertmanager (from the resource's spec.labels)."""
     generation: int = 1
+    threshold: ThresholdSpec | None = None
+    """Fire per group on `count` matches within a window (`groups.py`); None: every match
+    counts for the alert as a whole (with the rule's `repeats`)."""
     cluster_wide: bool = False
     """Sees every event of its stream, as the stream grants; else only events about its own
     namespace (set by `config.build.check_stream`)."""

@@ -7,6 +7,7 @@ alert, so a resolve really clears what the firing raised (Parseable's resolve do
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,6 +24,9 @@ _KIND_TITLES = {
     "resolved": "RESOLVED",
     "refresh": "FIRING",
 }
+
+
+_NOT_IN_LABEL_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
 def _timestamp(moment: datetime | None) -> str | None:
@@ -49,15 +53,17 @@ def webhook_body(spec: AlertSpec, notice: Notice, sent_at: datetime) -> dict[str
         "firedAt": _timestamp(notice.fired_at),
         "resolvedAt": _timestamp(notice.resolved_at),
         "sentAt": _timestamp(sent_at),
-    }
+    } | ({"group": dict(notice.group)} if notice.group else {})
 
 
 def slack_text(spec: AlertSpec, notice: Notice) -> str:
     """One readable Slack message: what, where, how many, and who did it last."""
     event = notice.event
     target = "/".join(part for part in (event.namespace, event.resource, event.name) if part)
+    group = ", ".join(f"{field}={value}" for field, value in notice.group)
     lines = [
-        f"[{_KIND_TITLES[notice.kind]}] {spec.key} (stream {spec.stream}): {notice.message}",
+        f"[{_KIND_TITLES[notice.kind]}] {spec.key}{f' [{group}]' if group else ''} "
+        f"(stream {spec.stream}): {notice.message}",
         f"{notice.count} matching event(s) since the last notice, {notice.total} in all.",
         f"Latest: {event.user or '?'} {event.verb or '?'} {target or '?'}"
         + (f" (auditID {event.audit_id})" if event.audit_id else ""),
@@ -72,9 +78,14 @@ def slack_body(spec: AlertSpec, notice: Notice) -> dict[str, Any]:
     return {"text": slack_text(spec, notice)}
 
 
-def alertmanager_labels(spec: AlertSpec) -> dict[str, str]:
-    """The label set identifying this alert in Alertmanager; ours win over `spec.labels`."""
+def alertmanager_labels(spec: AlertSpec, group: tuple[tuple[str, str], ...] = ()) -> dict[str, str]:
+    """The label set identifying this alert (of a grouped threshold: this group of it) in
+    Alertmanager; ours win over the group's, which win over `spec.labels`.
+
+    A group field becomes a label name with every character a label name cannot have replaced
+    by `_` (`user.username` -> `user_username`)."""
     labels = dict(spec.labels)
+    labels.update({_NOT_IN_LABEL_NAME.sub("_", field): value for field, value in group})
     labels.update(
         {
             "alertname": spec.name,
@@ -99,7 +110,7 @@ def alertmanager_body(
     )
     event = notice.event
     alert: dict[str, Any] = {
-        "labels": alertmanager_labels(spec),
+        "labels": alertmanager_labels(spec, notice.group),
         "annotations": {
             "summary": notice.message,
             "description": (

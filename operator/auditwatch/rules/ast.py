@@ -138,7 +138,8 @@ def disjunction(operands: list[Expr] | tuple[Expr, ...]) -> Expr:
 class Rule:
     """A parsed AuditAlert rule: the condition, and how many matches it takes to fire.
 
-    `repeats` is Parseable's column-rule `repeats` (fire after N matching events); composite rules
+    `repeats` is the column-rule key of Parseable's, counted auditwatch's way: N matching events
+    within the alert's `resolveAfter`, not N in a row (docs/rules.md, section 3); composite rules
     fire on the first match.
     """
 

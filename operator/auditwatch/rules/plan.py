@@ -36,8 +36,9 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
 - `unless` (exceptions as data, issue #15): an expression of excepted events. The plan matches
   `condition and not unless`, its nodes shared with every other alert's, evaluated only on the
   rows the condition matched, and counts the excepted rows in `AlertResult.excepted`.
-- `AlertResult.rows` (grouped thresholds, issue #12): the indices of the matching rows, so a
-  grouped window can read the group-by column of exactly those rows.
+- `group_by` (grouped thresholds, issue #12): an alert counted per group over a window. Its
+  `AlertResult.groups` holds the matching rows by group with their event times, read from the
+  batch's columns (fetched once per batch for all alerts) by `rules/window.py`.
 The engine builds the `PlanAlert`s from the AuditAlerts (`engine._stream_plan`): it sets
 `scope` from what the alert's stream grants it (`AlertSpec.scope`); `unless` is not used yet.
 """
@@ -58,6 +59,7 @@ from auditwatch import paths
 from auditwatch.normalise import EventBatch
 from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or
 from auditwatch.rules.evaluate import VECTORISED, _compile, _Context, _Node
+from auditwatch.rules.window import GroupedRows, group_rows
 
 GUARD_COLUMNS = (
     "objectRef_namespace",
@@ -90,6 +92,9 @@ class PlanAlert:
     """Only events with `objectRef.namespace` equal to this are visible to the alert."""
     unless: Expr | None = None
     """Events the alert excepts: matched by `condition` but not reported, only counted."""
+    group_by: tuple[str, ...] | None = None
+    """A grouped threshold's columns (`rules/window.py`; () for one group): the result then
+    carries its rows by group, read from the batch's columns once."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,8 @@ class AlertResult:
     """Rows `condition` matched that `unless` excepted."""
     error: Exception | None = None
     """Why this alert could not be evaluated (no rows then); other alerts are not affected."""
+    groups: GroupedRows | None = None
+    """With `PlanAlert.group_by`: `rows` by group, with their event times."""
 
 
 @dataclass
@@ -171,6 +178,7 @@ class _Entry:
     slow: tuple[_Shared, ...]
     """The operands with per-row work, cheapest first: run on the rows still open."""
     unless: _Shared | None
+    group_by: tuple[str, ...] | None
 
 
 class StreamPlan:
@@ -243,7 +251,13 @@ class StreamPlan:
             rows, exempt = live[number], excepted.get(number, 0)
             if rows or exempt:
                 indices = pc.indices_nonzero(_mask(rows, ctx.size)) if rows else _EMPTY_ROWS
-                results.append(AlertResult(number, key, indices, exempt.bit_count()))
+                group_by = self._entries[number].group_by
+                groups = (
+                    group_rows(ctx.column, indices, group_by)
+                    if group_by is not None and rows
+                    else None
+                )
+                results.append(AlertResult(number, key, indices, exempt.bit_count(), groups=groups))
         return results
 
     def _run_steps(
@@ -338,6 +352,7 @@ def _entry(alert: PlanAlert, compiler: _Compiler) -> _Entry:
         tuple(node for node in nodes if node.cost == VECTORISED),
         tuple(node for node in nodes if node.cost != VECTORISED),
         None if alert.unless is None else compiler(alert.unless),
+        alert.group_by,
     )
 
 
