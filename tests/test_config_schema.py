@@ -105,14 +105,14 @@ def test_every_problem_is_reported_with_its_path() -> None:
 @pytest.mark.parametrize(
     ("auth", "problem"),
     [
-        ({}, "spec.auth: set one of basic, bearer"),
+        ({}, "spec.auth: set one of basic, bearer, oidc"),
         (
             {"basic": {"secretRef": {"name": "a"}}, "bearer": {"secretRef": {"name": "b"}}},
-            "spec.auth: set only one of basic, bearer (got basic, bearer)",
+            "spec.auth: set only one of basic, bearer, oidc (got basic, bearer)",
         ),
     ],
 )
-def test_stream_auth_is_basic_or_bearer(auth: dict[str, Any], problem: str) -> None:
+def test_stream_auth_is_basic_bearer_or_oidc(auth: dict[str, Any], problem: str) -> None:
     assert schema.validate(stream(auth=auth)) == [problem]
 
 

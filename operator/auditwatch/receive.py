@@ -1,4 +1,6 @@
-"""The HTTP receiver: Parseable's ingest API and the apiserver's audit webhook, on one port.
+"""The HTTP receiver: Parseable's ingest API, the apiserver's audit webhook, and the cloud push
+deliveries of managed clusters (Firehose for EKS, Pub/Sub push for GKE: docs/sources.md), on one
+port.
 
 It only translates HTTP into calls on the engine and answers in a way senders act on correctly:
 2xx once a batch is durably kept, 4xx with a JSON reason when retrying cannot help (nothing of
@@ -16,16 +18,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import aiohttp
+import jwt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from aiohttp import web
 
 from auditwatch.columnar import batch_from_json
-from auditwatch.config.model import IngestAuth, StreamSpec
+from auditwatch.config.model import IngestAuth, OidcAuth, StreamSpec
 from auditwatch.credentials import parse_basic
 from auditwatch.decode import (
     BodyTooLarge,
@@ -37,6 +40,7 @@ from auditwatch.decode import (
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_JSON
+from auditwatch.sources import Source, decode_source
 from auditwatch.store import StorageUnavailable
 from auditwatch.store.wal import batch_message, encode_table, read_table
 from auditwatch.workers import WorkerDied, WorkerPool
@@ -54,6 +58,8 @@ FORWARDED_REQUEST_HEADERS = (
     "Content-Encoding",
     "Content-Type",
     "Content-Length",
+    "X-Amz-Firehose-Access-Key",
+    "X-Amz-Firehose-Request-Id",
 )
 """What the receiver at the other end reads of a request (the stream, credentials, the body)."""
 FORWARDED_ANSWER_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate")
@@ -124,6 +130,61 @@ def check_auth(auth: IngestAuth | None, header: str | None) -> None:
     raise Rejected(403, "forbidden", "wrong credentials for this stream")
 
 
+def check_firehose_key(auth: IngestAuth | None, key: str | None) -> None:
+    """Raise Rejected unless the Firehose access key header is the stream's bearer token."""
+    if auth is None:
+        return
+    if auth.bearer_token is None:
+        raise Rejected(
+            403, "forbidden", "this stream takes no Firehose access key (give it a bearer token)"
+        )
+    if not key:
+        raise Rejected(401, "unauthenticated", "missing X-Amz-Firehose-Access-Key")
+    if not hmac.compare_digest(key.encode(), auth.bearer_token.encode()):
+        raise Rejected(403, "forbidden", "wrong access key for this stream")
+
+
+def check_pubsub(auth: IngestAuth | None, token: str | None, header: str | None) -> None:
+    """Raise Rejected unless a Pub/Sub push carries the stream's credentials: an OIDC ID token
+    (`oidc`), or the bearer token in the push URL's `token` query parameter."""
+    if auth is not None and auth.oidc is not None:
+        scheme, _, credentials = (header or "").partition(" ")
+        if scheme.lower() != "bearer" or not credentials.strip():
+            challenge = {"WWW-Authenticate": 'Bearer realm="auditwatch"'}
+            raise Rejected(401, "unauthenticated", "OIDC token required", challenge)
+        check_oidc(auth.oidc, credentials.strip())
+    elif auth is not None and auth.bearer_token is not None and token is not None:
+        if not hmac.compare_digest(token.encode(), auth.bearer_token.encode()):
+            raise Rejected(403, "forbidden", "wrong credentials for this stream")
+    else:
+        check_auth(auth, header)
+
+
+def check_oidc(oidc: OidcAuth, token: str) -> None:
+    """Raise Rejected unless `token` is a JWT signed by a key of the stream's key set, for its
+    issuer and audience, unexpired, and naming its service account (when one is set)."""
+    try:
+        keys = jwt.PyJWKSet.from_json(oidc.jwks)
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = next((k for k in keys.keys if kid is None or k.key_id == kid), None)
+        if key is None:
+            raise jwt.InvalidTokenError(f"no key {kid!r} in the stream's key set")
+        claims = jwt.decode(
+            token,
+            key=key,
+            algorithms=[key.algorithm_name],
+            audience=oidc.audience,
+            issuer=oidc.issuer,
+            options={"require": ["exp", "iss", "aud"]},
+        )
+    except (jwt.PyJWTError, ValueError) as error:
+        raise Rejected(403, "forbidden", f"OIDC token refused: {error}") from None
+    if oidc.email is not None and (
+        claims.get("email") != oidc.email or claims.get("email_verified") is not True
+    ):
+        raise Rejected(403, "forbidden", "OIDC token is not for this stream's service account")
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The request body, refused with 413 as soon as it passes `limit` bytes."""
     if request.content_length is not None and request.content_length > limit:
@@ -147,18 +208,24 @@ class Limits:
 
 
 def prepare_batch(
-    body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+    body: bytes,
+    encoding: str | None,
+    limits: Limits,
+    received_at: datetime,
+    source: Source | None = None,
 ) -> EventBatch:
     """Decode a body into a normalised batch and enforce the size limits.
 
     CPU work, run off the event loop. The body limit holds after decompression too, so a small
-    gzip bomb is refused as well.
+    gzip bomb is refused as well. `source` names the cloud envelope of a push delivery.
     """
     try:
         data = decompress(body, encoding, limits.body_bytes)
-        batch = batch_from_json(data, received_at)
-        if batch is None:
-            batch = normalise(decode_json(data), received_at)
+        if source is not None:
+            batch = normalise(decode_source(data, source, limits.body_bytes), received_at)
+        else:
+            fast = batch_from_json(data, received_at)
+            batch = fast if fast is not None else normalise(decode_json(data), received_at)
     except BodyTooLarge as error:
         raise Rejected(413, "too_large", str(error)) from None
     except UnsupportedEncoding as error:
@@ -179,7 +246,7 @@ def prepare_batch(
 
 
 def prepare_batch_in_worker(
-    body: bytes, arguments: tuple[str | None, Limits, datetime]
+    body: bytes, arguments: tuple[str | None, Limits, datetime, Source | None]
 ) -> pa.Buffer | tuple[int, str, str]:
     """`prepare_batch` in a worker process: the batch encoded the way the store stages it
     (`encode_table`), or the rejection (status, reason, message).
@@ -187,9 +254,8 @@ def prepare_batch_in_worker(
     Encoding here spares the receiving process, whose GIL the event loop needs: there the
     table is read from these bytes without a copy, and the store writes them as they are.
     """
-    encoding, limits, received_at = arguments
     try:
-        table = prepare_batch(body, encoding, limits, received_at).table
+        table = prepare_batch(body, *arguments).table
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
     return encode_table(table)
@@ -207,12 +273,19 @@ class Decoder:
         self._pool = WorkerPool(workers, prepare_batch_in_worker) if workers else None
 
     async def prepare(
-        self, body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+        self,
+        body: bytes,
+        encoding: str | None,
+        limits: Limits,
+        received_at: datetime,
+        source: Source | None = None,
     ) -> EventBatch:
         if self._pool is None:
-            return await asyncio.to_thread(prepare_batch, body, encoding, limits, received_at)
+            return await asyncio.to_thread(
+                prepare_batch, body, encoding, limits, received_at, source
+            )
         try:
-            result = await self._pool.run(body, (encoding, limits, received_at))
+            result = await self._pool.run(body, (encoding, limits, received_at, source))
         except WorkerDied:  # OOM-killed, say: the pool starts another
             raise Rejected(
                 503, "decoder_restarting", "a decoding worker died; retry", RETRY_HEADERS
@@ -262,6 +335,8 @@ class Receiver:
             [
                 web.post("/api/v1/ingest", self.ingest_by_header),
                 web.post("/api/v1/logstream/{stream}", self.ingest_by_path),
+                web.post("/api/v1/firehose/{stream}", self.ingest_firehose),
+                web.post("/api/v1/pubsub/{stream}", self.ingest_pubsub),
                 web.get("/api/v1/liveness", self.liveness),
                 web.get("/api/v1/readiness", self.readiness),
                 web.get("/api/v1/status", self.status),
@@ -275,14 +350,60 @@ class Receiver:
     async def ingest_by_path(self, request: web.Request) -> web.Response:
         return await self.ingest(request, request.match_info["stream"])
 
-    async def ingest(self, request: web.Request, name: str) -> web.Response:
+    async def ingest_firehose(self, request: web.Request) -> web.Response:
+        """Amazon Data Firehose HTTP endpoint delivery: the access key header is the credential,
+        and every answer is Firehose's JSON (`requestId`, `timestamp`, `errorMessage`)."""
+        request_id = request.headers.get("X-Amz-Firehose-Request-Id", "")
+
+        def answer(
+            status: int, body: dict[str, Any], headers: dict[str, str] | None
+        ) -> web.Response:
+            reply: dict[str, Any] = {"requestId": request_id, "timestamp": int(time.time() * 1000)}
+            if "error" in body:
+                reply["errorMessage"] = body["error"]
+            return json_response(status, reply, headers)
+
+        return await self.ingest(
+            request,
+            request.match_info["stream"],
+            source="firehose",
+            authenticate=lambda stream: check_firehose_key(
+                stream.auth, request.headers.get("X-Amz-Firehose-Access-Key")
+            ),
+            answer=answer,
+        )
+
+    async def ingest_pubsub(self, request: web.Request) -> web.Response:
+        """Pub/Sub push: a URL `token` or an OIDC ID token; any 2xx acknowledges the message."""
+        return await self.ingest(
+            request,
+            request.match_info["stream"],
+            source="pubsub",
+            authenticate=lambda stream: check_pubsub(
+                stream.auth, request.query.get("token"), request.headers.get("Authorization")
+            ),
+        )
+
+    async def ingest(
+        self,
+        request: web.Request,
+        name: str,
+        *,
+        source: Literal["firehose", "pubsub"] | None = None,
+        authenticate: Callable[[StreamSpec], None] | None = None,
+        answer: Callable[[int, dict[str, Any], dict[str, str] | None], web.Response] = (
+            json_response
+        ),
+    ) -> web.Response:
+        """One ingest request; a push `source` decodes its cloud envelope, `authenticate` checks
+        its credentials (default: the Authorization header) and `answer` words every answer."""
         started = time.perf_counter()
         metrics = self.engine.metrics
         label = ""  # a stream name for metrics only once it names a stream: no unbounded series
         try:
             leader = self.forward_to() if self.forward_to is not None else None
             if leader is not None:
-                response = await self.forward(request, leader)
+                response = await self.forward(request, leader)  # answered by the leader
                 metrics.requests_forwarded.labels(str(response.status)).inc()
                 metrics.request_seconds.labels(str(response.status)).observe(
                     time.perf_counter() - started
@@ -294,7 +415,10 @@ class Receiver:
             if stream is None:
                 raise Rejected(404, "unknown_stream", f"no AuditStream named {name!r}")
             label = name
-            check_auth(stream.auth, request.headers.get("Authorization"))
+            if authenticate is None:
+                check_auth(stream.auth, request.headers.get("Authorization"))
+            else:
+                authenticate(stream)
             if self.in_flight.locked():
                 raise Rejected(
                     503,
@@ -310,6 +434,7 @@ class Receiver:
                         request.headers.get("Content-Encoding"),
                         Limits(stream.max_body_bytes, stream.max_event_bytes),
                         self.engine.clock(),
+                        None if source is None else Source(source, stream.cluster),
                     )
                     try:
                         result = await self.engine.ingest(stream, batch)
@@ -322,9 +447,9 @@ class Receiver:
             metrics.request_seconds.labels(str(rejected.status)).observe(
                 time.perf_counter() - started
             )
-            return json_response(rejected.status, {"error": rejected.message}, rejected.headers)
+            return answer(rejected.status, {"error": rejected.message}, rejected.headers)
         metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
-        return json_response(200, result)
+        return answer(200, result, None)
 
     async def forward(self, request: web.Request, leader: str) -> web.Response:
         """The answer of the receiver at `leader` to this request, the body streamed through
