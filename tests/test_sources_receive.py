@@ -86,8 +86,15 @@ def cluster_alert(stream: str, cluster: str) -> dict[str, Any]:
     }
 
 
+IN_THREADS_AND_WORKERS = pytest.mark.parametrize(
+    "server", [0, 1], ids=["in-process", "decode-worker"], indirect=True
+)
+"""Decoding in a thread, and in a worker process as `auditwatch serve` does (the source's
+envelope kind travels to the worker with the body)."""
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Running]:
+async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
     resources = tmp_path / "resources"
     oidc = stream_doc("gke-oidc")
     oidc["spec"]["auth"] = {
@@ -115,12 +122,12 @@ async def server(tmp_path: Path) -> AsyncIterator[Running]:
         detection("k8s-pod-exec-attach", "eks"),
         detection("k8s-pod-exec-attach", "aks"),
         detection("k8s-request-denied-burst", "gke"),
-        detection("k8s-cluster-admin-binding", "gke"),
         cluster_alert("eks", "prod-eu"),
         cluster_alert("gke", "gke-prod"),
         cluster_alert("fleet", "on-prem-1"),
     )
-    async with running_receiver(resources, tmp_path / "data") as running:
+    workers = getattr(request, "param", 0)
+    async with running_receiver(resources, tmp_path / "data", workers) as running:
         yield running
 
 
@@ -181,6 +188,7 @@ def push_body(entry: dict[str, Any], message_id: str = "1001") -> dict[str, Any]
     }
 
 
+@IN_THREADS_AND_WORKERS
 async def test_firehose_delivery_stores_eks_events_fires_detections_and_answers_firehose(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
@@ -275,6 +283,7 @@ async def test_firehose_malformed_record_is_a_400_and_keeps_nothing(
     assert stored(server.data, "eks") == []
 
 
+@IN_THREADS_AND_WORKERS
 async def test_pubsub_push_maps_gke_entries_and_fires_detections(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
