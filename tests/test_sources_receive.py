@@ -19,6 +19,7 @@ import jwt
 import orjson
 import pytest
 import yaml
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 from tests.e2e_support import (
     Running,
@@ -30,6 +31,9 @@ from tests.e2e_support import (
     stream_doc,
     write_yaml,
 )
+from tests.test_receive import Follower
+
+from auditwatch.receive import Receiver
 
 CLOUD = Path("tests/data/cloud")
 SAMPLES = Path("tests/data/audit-samples")
@@ -409,12 +413,41 @@ async def test_stream_cluster_names_events_whose_envelope_names_none(
     messages = [
         orjson.loads(e["message"]) for e in cloudwatch("eks-subscription-data.json")["logEvents"]
     ]
-    extracted = b"".join(orjson.dumps(m) + b"\n" for m in messages)
+    # Message extraction on: one event per record, newline-terminated.
     answer = await post(
         session,
         server.url + "/api/v1/firehose/fleet",
-        firehose_body(extracted),
+        firehose_body(*(orjson.dumps(m) + b"\n" for m in messages)),
         firehose_headers(),
     )
     assert answer.status == 200, answer.body
     assert await matches(session, server, "cluster-fleet") == len(messages)
+
+
+async def test_a_follower_forwards_cloud_deliveries_with_their_credentials(
+    server: Running, session: aiohttp.ClientSession
+) -> None:
+    ingestor = Follower()
+    ingestor.leader = server.url
+    runner = web.AppRunner(Receiver(ingestor, forward_to=ingestor.forward_to).app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        data = gzip.compress(orjson.dumps(cloudwatch("eks-subscription-data.json")))
+        answer = await post(
+            session, url + "/api/v1/firehose/eks", firehose_body(data), firehose_headers("f-1")
+        )
+        assert answer.status == 200, answer.body
+        assert answer.body["requestId"] == "f-1"
+        entry = gke_entry("gke-logentry-exec.json")
+        answer = await post(
+            session, f"{url}/api/v1/pubsub/gke?token={PUSH_TOKEN}", push_body(entry)
+        )
+        assert answer.status == 200, answer.body
+    finally:
+        await runner.cleanup()
+    await server.close()
+    delivered = cloudwatch("eks-subscription-data.json")["logEvents"]
+    assert len(stored(server.data, "eks")) == len(delivered)
+    assert [e["auditID"] for e in stored(server.data, "gke")] == [entry["insertId"]]

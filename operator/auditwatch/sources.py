@@ -114,6 +114,9 @@ def _firehose(body: dict[str, Any], cluster: str | None, cap: int) -> list[dict[
         if isinstance(value, dict) and "messageType" in value:
             events.extend(_cloudwatch(value, where, cluster))
             continue
+        if isinstance(value, dict):  # one extracted message: the event
+            events.append(_with_cluster(value, cluster))
+            continue
         try:
             extracted = decode_json(data)
         except DecodeError as err:
