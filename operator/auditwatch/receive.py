@@ -171,7 +171,7 @@ def check_oidc(oidc: OidcAuth, token: str) -> None:
             raise jwt.InvalidTokenError(f"no key {kid!r} in the stream's key set")
         claims = jwt.decode(
             token,
-            key=key,
+            key=key.key,
             algorithms=[key.algorithm_name],
             audience=oidc.audience,
             issuer=oidc.issuer,
