@@ -451,3 +451,16 @@ async def test_a_follower_forwards_cloud_deliveries_with_their_credentials(
     delivered = cloudwatch("eks-subscription-data.json")["logEvents"]
     assert len(stored(server.data, "eks")) == len(delivered)
     assert [e["auditID"] for e in stored(server.data, "gke")] == [entry["insertId"]]
+
+
+async def test_a_control_message_alone_is_acknowledged_and_stores_nothing(
+    server: Running, session: aiohttp.ClientSession
+) -> None:
+    control = gzip.compress(orjson.dumps(cloudwatch("eks-subscription-control.json")))
+    answer = await post(
+        session, server.url + "/api/v1/firehose/eks", firehose_body(control), firehose_headers("c")
+    )
+    assert answer.status == 200, answer.body
+    assert answer.body["requestId"] == "c"
+    await server.close()
+    assert stored(server.data, "eks") == []
