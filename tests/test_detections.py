@@ -127,6 +127,12 @@ HAND_WRITTEN = {
     "anonymous-readyz-verbose": "c3d368b3-7418-4753-9cb6-7ac3e040afa3",
     "anonymous-version": "bfeca390-2c05-4259-a5ae-e547f7931310",
     "anonymous-list-secrets-forbidden": "a23a4528-01b4-4622-9af0-19065f53f0be",
+    "ingress-without-tls": "3a7c9e1b-5d2f-4a6b-8c0e-1f3a5b7c9d02",
+    "ingress-with-tls": "4b8d0f2c-6e3a-4b7c-9d1f-2a4b6c8d0e13",
+    "ingress-without-tls-dry-run": "5c9e1a3d-7f4b-4c8d-ae20-3b5c7d9e1f24",
+    "eks-ingress-without-tls": "6d0f2b4e-8a5c-4d9e-bf31-4c6d8e0f2a35",  # also RequestReceived
+    "aks-ingress-without-tls": "7e1a3c5f-9b6d-4eaf-8042-5d7e9f1a3b46",  # aks-records.jsonl
+    "aks-ingress-with-tls": "8f2b4d6a-0c7e-4fb0-9153-6e8f0a2b4c57",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -564,6 +570,24 @@ def test_configmap_credentials() -> None:
             "configmap-private-key-dry-run",
             "configmap-public-key-and-key-id-docs",  # a public key; "AKIA" without a key id
             "secret-created-by-developer",  # the same data belongs in a Secret
+        ],
+    )
+
+
+def test_ingress_without_tls() -> None:
+    expect(
+        "k8s-ingress-without-tls",
+        fires=[
+            "ingress-without-tls",
+            "eks-ingress-without-tls",  # its RequestReceived stage must not count twice
+            "aks-ingress-without-tls",  # read from the AKS diagnostic record
+            "gke-logentry-ingress-without-tls",  # no stage
+        ],
+        silent=[
+            "ingress-with-tls",
+            "aks-ingress-with-tls",
+            "ingress-without-tls-dry-run",
+            "service-clusterip-created",
         ],
     )
 
