@@ -105,14 +105,14 @@ def test_every_problem_is_reported_with_its_path() -> None:
 @pytest.mark.parametrize(
     ("auth", "problem"),
     [
-        ({}, "spec.auth: set one of basic, bearer, clientCertificate"),
+        ({}, "spec.auth: set one of basic, bearer, clientCertificate, oidc"),
         (
             {"basic": {"secretRef": {"name": "a"}}, "bearer": {"secretRef": {"name": "b"}}},
-            "spec.auth: set only one of basic, bearer, clientCertificate (got basic, bearer)",
+            "spec.auth: set only one of basic, bearer, clientCertificate, oidc (got basic, bearer)",
         ),
     ],
 )
-def test_stream_auth_is_basic_bearer_or_client_certificate(
+def test_stream_auth_is_basic_bearer_client_certificate_or_oidc(
     auth: dict[str, Any], problem: str
 ) -> None:
     assert schema.validate(stream(auth=auth)) == [problem]

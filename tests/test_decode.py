@@ -48,7 +48,7 @@ def test_every_sample_decodes_to_its_events(name: str, count: int) -> None:
 def test_aks_record_is_unwrapped_to_the_event_it_carries() -> None:
     raw = orjson.loads((SAMPLES / "aks-envelope-EventHubs.json").read_bytes()[3:])
     [event] = decode_file(SAMPLES / "aks-envelope-EventHubs.json")
-    assert event == orjson.loads(raw["properties"]["log"])
+    assert event == orjson.loads(raw["properties"]["log"]) | {"cluster": "kubeauditlogtestcluster"}
     assert event["auditID"] == "4e2a4193-cb3d-4ff7-bf37-32c392fbc23b"
     assert "properties" not in event
 

@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from tests.sample_data import SAMPLES
@@ -32,6 +33,7 @@ from auditwatch.rules.evaluate import compile_rule
 from auditwatch.rules.parse import parse_rule
 from auditwatch.rules.plan import PlanAlert, StreamPlan
 from auditwatch.rules.reference import matches
+from auditwatch.sources import gke_event
 
 REPO = Path(__file__).resolve().parent.parent
 DETECTIONS_DIR = REPO / "examples" / "detections"
@@ -65,9 +67,13 @@ HAND_WRITTEN = {
     "pod-hostpath-kubelet-pki-subdir": "008fa6cc-0bf2-43eb-872b-71d937305b3b",
     "pod-kube-system-by-daemonset-controller": "e9b4a13b-828e-4d18-87ba-5359ee2b636a",
     "pod-kube-system-by-developer": "cd37a6f0-d69d-4de3-8411-ce906b12ea6c",
+    "pod-kube-system-by-stolen-controller-token": "c2f4a6e8-1b3d-4f5a-9c7e-0d2b4f6a8c10",
+    "pod-kube-system-eks-aws-node-by-daemonset-controller": "0e8d6c4a-2f1b-4d3e-a5c7-9b8a7f6e5d41",
     "pod-binding-by-scheduler-kube-system": "7f4fb96d-e495-4cef-82ec-74a9bf0ec1ff",
     "pod-attach": "f96fa4b0-b03c-4d86-bec8-caca2e5af2f0",
     "pod-exec-websocket-get": "c744e154-5eba-4a29-884e-65ad35cb9ed2",
+    "pod-exec-websocket-get-forbidden": "5d0e2b7a-91c4-4f3e-8a6b-2c7d9e1f0a34",
+    "pod-exec-spdy-create-after-websocket-refused": "8a3f6c1e-47b2-4d95-b0e8-3f1a2c4d5e67",
     "pod-log-read": "96830711-4c42-4ef0-b801-804f02f6c626",
     "pod-portforward": "007774b3-2191-4103-841c-f6fa1d5ddbb3",
     "pod-debug-privileged-ephemeral-container": "3f257d90-c183-4c5f-b7bf-60e46b3e189a",
@@ -124,10 +130,23 @@ HAND_WRITTEN = {
     "anonymous-readyz-verbose": "c3d368b3-7418-4753-9cb6-7ac3e040afa3",
     "anonymous-version": "bfeca390-2c05-4259-a5ae-e547f7931310",
     "anonymous-list-secrets-forbidden": "a23a4528-01b4-4622-9af0-19065f53f0be",
+    "ingress-without-tls": "3a7c9e1b-5d2f-4a6b-8c0e-1f3a5b7c9d02",
+    "ingress-with-tls": "4b8d0f2c-6e3a-4b7c-9d1f-2a4b6c8d0e13",
+    "ingress-without-tls-dry-run": "5c9e1a3d-7f4b-4c8d-ae20-3b5c7d9e1f24",
+    "eks-ingress-without-tls": "6d0f2b4e-8a5c-4d9e-bf31-4c6d8e0f2a35",  # also RequestReceived
+    "aks-ingress-without-tls": "7e1a3c5f-9b6d-4eaf-8042-5d7e9f1a3b46",  # aks-records.jsonl
+    "aks-ingress-with-tls": "8f2b4d6a-0c7e-4fb0-9153-6e8f0a2b4c57",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
-LABEL_BY_AUDIT_ID = {audit_id: label for label, audit_id in HAND_WRITTEN.items()}
+CLOUD_DIR = Path(__file__).resolve().parent / "data" / "cloud"
+GKE_ENTRIES = sorted(CLOUD_DIR.glob("gke-logentry-*.json"))
+"""GKE Cloud Audit Logs entries (no stage, GKE's user names and status codes), in the corpus as
+`sources.gke_event` maps them; labelled by file name (`gke-logentry-exec`)."""
+
+LABEL_BY_AUDIT_ID = {audit_id: label for label, audit_id in HAND_WRITTEN.items()} | {
+    orjson.loads(path.read_bytes())["insertId"]: path.stem for path in GKE_ENTRIES
+}
 
 # Real events from the samples, by auditID.
 IMPERSONATION_403S = [  # impersonation-and-403s.log: every request refused with 403
@@ -188,9 +207,10 @@ def detections() -> dict[str, Detection]:
 
 @cache
 def corpus() -> list[dict[str, Any]]:
-    """Every sample and hand-written event, in file order."""
+    """Every sample and hand-written event, in file order, then the GKE entries mapped."""
     files = SAMPLE_LOGS + sorted(EVENTS_DIR.glob("*.jsonl"))
-    return [event for path in files for event in decode_file(path)]
+    gke = [gke_event(orjson.loads(path.read_bytes())) for path in GKE_ENTRIES]
+    return [event for path in files for event in decode_file(path)] + gke
 
 
 def label(event: dict[str, Any]) -> str:
@@ -294,6 +314,7 @@ def test_secret_read_denied() -> None:
             RECON_SECRET_LIST_403,  # its RequestReceived stage must not count twice
             "anonymous-list-secrets-forbidden",
             "secret-get-denied-for-developer",
+            "gke-logentry-secret-denied",  # GKE sends no stage
         ],
         silent=["secret-get-not-found", "secret-get-by-developer", RECON_EVENTS_LIST_403],
     )
@@ -319,8 +340,22 @@ def test_secret_created_deleted() -> None:
 def test_pod_exec_attach() -> None:
     expect(
         "k8s-pod-exec-attach",
-        fires=[MINIKUBE_EXEC, RECON_EXEC, SEKOIA_EXEC, "pod-attach", "pod-exec-websocket-get"],
-        silent=["pod-log-read", "pod-portforward", "pod-created-unprivileged"],
+        fires=[
+            MINIKUBE_EXEC,
+            RECON_EXEC,  # its ResponseStarted must not count twice
+            SEKOIA_EXEC,
+            "pod-attach",
+            "pod-exec-websocket-get",
+            # kubectl >= 1.30: a refused WebSocket get, then the SPDY create: one session.
+            "pod-exec-spdy-create-after-websocket-refused",
+            "gke-logentry-exec",  # no stage, GKE's status 0 as 200
+        ],
+        silent=[
+            "pod-log-read",
+            "pod-portforward",
+            "pod-created-unprivileged",
+            "pod-exec-websocket-get-forbidden",
+        ],
     )
 
 
@@ -341,6 +376,8 @@ def test_privileged_container() -> None:
             "pod-privileged-init-container",
             "pod-privileged-denied-by-pod-security",  # an attempt, as in Falco
             "pod-kube-system-by-daemonset-controller",
+            "pod-kube-system-by-stolen-controller-token",
+            "pod-kube-system-eks-aws-node-by-daemonset-controller",
             "pod-debug-privileged-ephemeral-container",
             "daemonset-privileged-hostnetwork-docker-sock",
             "deployment-patched-privileged",
@@ -361,6 +398,8 @@ def test_hostnetwork_pod() -> None:
         fires=[
             SEKOIA_HOSTNETWORK_POD,
             "pod-kube-system-by-daemonset-controller",
+            "pod-kube-system-by-stolen-controller-token",
+            "pod-kube-system-eks-aws-node-by-daemonset-controller",
             "daemonset-privileged-hostnetwork-docker-sock",
         ],
         silent=["pod-created-unprivileged", "pod-host-pid", SEKOIA_PRIVILEGED_POD],
@@ -404,9 +443,14 @@ def test_sensitive_hostpath() -> None:
 def test_pod_in_kube_namespace() -> None:
     expect(
         "k8s-pod-in-kube-namespace",
-        fires=["pod-kube-system-by-developer"],
+        fires=[
+            "pod-kube-system-by-developer",
+            # A kube-system user, but not a control-plane image: allowlisted by image, not user.
+            "pod-kube-system-by-stolen-controller-token",
+        ],
         silent=[
             "pod-kube-system-by-daemonset-controller",
+            "pod-kube-system-eks-aws-node-by-daemonset-controller",  # EKS's own ECR images
             "pod-binding-by-scheduler-kube-system",
             "pod-created-unprivileged",
         ],
@@ -470,7 +514,11 @@ def test_role_pod_exec() -> None:
 def test_cluster_admin_binding() -> None:
     expect(
         "k8s-cluster-admin-binding",
-        fires=[*SEKOIA_ADMIN_BINDINGS, "rolebinding-to-cluster-admin"],
+        fires=[
+            *SEKOIA_ADMIN_BINDINGS,
+            "rolebinding-to-cluster-admin",
+            "gke-logentry-clusterrolebinding",
+        ],
         silent=["clusterrolebinding-to-view", "clusterrolebinding-deleted"],
     )
 
@@ -529,6 +577,24 @@ def test_configmap_credentials() -> None:
     )
 
 
+def test_ingress_without_tls() -> None:
+    expect(
+        "k8s-ingress-without-tls",
+        fires=[
+            "ingress-without-tls",
+            "eks-ingress-without-tls",  # its RequestReceived stage must not count twice
+            "aks-ingress-without-tls",  # read from the AKS diagnostic record
+            "gke-logentry-ingress-without-tls",  # no stage
+        ],
+        silent=[
+            "ingress-with-tls",
+            "aks-ingress-with-tls",
+            "ingress-without-tls-dry-run",
+            "service-clusterip-created",
+        ],
+    )
+
+
 def test_anonymous_request_allowed() -> None:
     expect(
         "k8s-anonymous-request-allowed",
@@ -552,6 +618,8 @@ def test_request_denied_burst() -> None:
             RECON_EVENTS_LIST_403,
             "anonymous-list-secrets-forbidden",
             "secret-get-denied-for-developer",
+            "pod-exec-websocket-get-forbidden",
+            "gke-logentry-secret-denied",
         ],
         silent=[
             "pod-privileged-denied-by-pod-security",  # 403 with decision "allow"
@@ -701,6 +769,7 @@ def test_rolebinding_created_deleted() -> None:
             "rolebinding-to-cluster-admin",
             "clusterrolebinding-to-view",
             "clusterrolebinding-deleted",
+            "gke-logentry-clusterrolebinding",
         ],
         silent=[RECON_ROLE_LIST, "clusterrole-read-only"],
     )

@@ -145,7 +145,7 @@ def aks_records(events: list[dict[str, Any]]) -> bytes:
 def eventhubs_event(samples: Path) -> dict[str, Any]:
     text = (samples / "aks-envelope-EventHubs.json").read_bytes().removeprefix(b"\xef\xbb\xbf")
     event: dict[str, Any] = orjson.loads(orjson.loads(text)["properties"]["log"])
-    return event
+    return event | {"cluster": "kubeauditlogtestcluster"}  # from the record's resourceId
 
 
 def shape(name: str, samples: Path) -> tuple[list[bytes], list[dict[str, Any]], dict[str, str]]:

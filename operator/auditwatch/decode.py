@@ -40,6 +40,9 @@ EVENT_MARKERS = frozenset(("auditID", "verb", "stage", "requestURI"))
 NON_SPACE = re.compile(rb"\S")
 """Anything but the whitespace `bytes.isspace` skips (blank lines are not NDJSON lines)."""
 
+_AKS_CLUSTER = re.compile(r"/managedclusters/([^/]+)", re.IGNORECASE)
+"""The cluster name in an AKS record's `resourceId` (Azure upper-cases it in exports)."""
+
 _ENVELOPE_KEYS = ("message", "log")
 """Where Vector (`message`) and Fluent Bit (`log`) put the line they read."""
 
@@ -77,10 +80,12 @@ def decode_body(
     audit event and is kept as it is. Otherwise an object is an envelope when it has
     `records` (a list: the AKS export, each record `{"properties": {"log": "<event>"}}`),
     `properties.log` (a single AKS record), or `message` / `log` (Vector, Fluent Bit) as a
-    string; that string must hold a JSON object, which is the event. An envelope that wraps
-    anything else (plain text, an array) is an error, not an event: it means the pipeline in front
-    of auditwatch forwards the wrong logs. Any other object is kept as an event: whatever the
-    cluster sends is stored, and typed columns are null where it differs from an audit event.
+    string; that string must hold a JSON object, which is the event. An AKS record's event gets
+    a `cluster` key, the cluster named in its `resourceId` (…/managedClusters/<name>),
+    lower-cased. An envelope that wraps anything else (plain text, an array) is an error, not
+    an event: it means the pipeline in front of auditwatch forwards the wrong logs. Any other
+    object is kept as an event: whatever the cluster sends is stored, and typed columns are null
+    where it differs from an audit event.
     """
     return decode_json(decompress(body, content_encoding, max_decoded_bytes))
 
@@ -336,6 +341,10 @@ def _unwrap(envelope: dict[str, Any], line: int | None, path: str) -> dict[str, 
     if not isinstance(event, dict):
         where = _describe(line, _join(path, key))
         raise DecodeError(f"{where} holds {_json_type(event)}, not an event object")
+    resource_id = envelope.get("resourceId")
+    found = _AKS_CLUSTER.search(resource_id) if isinstance(resource_id, str) else None
+    if key == "properties.log" and found:
+        event["cluster"] = found.group(1).lower()
     return event
 
 

@@ -1,4 +1,6 @@
-"""The HTTP receiver: Parseable's ingest API and the apiserver's audit webhook, on one port.
+"""The HTTP receiver: Parseable's ingest API, the apiserver's audit webhook, and the cloud push
+deliveries of managed clusters (Firehose for EKS, Pub/Sub push for GKE: docs/sources.md), on one
+port.
 
 It only translates HTTP into calls on the engine and answers in a way senders act on correctly:
 2xx once a batch is durably kept, 4xx with a JSON reason when retrying cannot help (nothing of
@@ -19,13 +21,16 @@ import asyncio
 import hmac
 import ipaddress
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NoReturn, Protocol
+from functools import partial
+from typing import Any, Literal, NoReturn, Protocol
 
 import aiohttp
+import jwt
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +38,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from auditwatch.columnar import batch_from_json
-from auditwatch.config.model import IngestAuth, StreamSpec
+from auditwatch.config.model import IngestAuth, OidcAuth, StreamSpec
 from auditwatch.credentials import parse_basic
 from auditwatch.decode import (
     BodyTooLarge,
@@ -45,6 +50,7 @@ from auditwatch.decode import (
 from auditwatch.metrics import Metrics
 from auditwatch.normalise import EventBatch, normalise
 from auditwatch.schema import EVENT_JSON
+from auditwatch.sources import Source, decode_source
 from auditwatch.store import StorageUnavailable
 from auditwatch.store.wal import batch_message, encode_table, read_table
 from auditwatch.tls import client_certificate_problem
@@ -63,6 +69,8 @@ FORWARDED_REQUEST_HEADERS = (
     "Content-Encoding",
     "Content-Type",
     "Content-Length",
+    "X-Amz-Firehose-Access-Key",
+    "X-Amz-Firehose-Request-Id",
 )
 """What the receiver at the other end reads of a request (the stream, credentials, the body)."""
 FORWARDED_ANSWER_HEADERS = ("Content-Type", "Retry-After", "WWW-Authenticate")
@@ -86,6 +94,7 @@ so that stream names cannot be found by probing."""
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="auditwatch", Bearer realm="auditwatch"'}
 """Every 401 offers both schemes: which one a stream takes is not revealed either."""
 
+log = logging.getLogger("auditwatch.receive")
 http_logger = logging.getLogger("auditwatch.receive.http")
 """aiohttp's connection-level log (malformed requests): see `ShortParserErrors`."""
 
@@ -239,14 +248,78 @@ def check_auth(
     raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
 
 
-def refuse_unknown_stream(header: str | None) -> NoReturn:
-    """Answer a request for a stream that does not exist as one with credentials it does not
-    take: 401 without credentials, 403 with any. The metric's reason stays `unknown_stream`."""
+UNKNOWN_STREAM_AUTH = IngestAuth(bearer_token=secrets.token_urlsafe(32))
+"""What a stream that does not exist takes: a token no sender has, so that every route refuses
+it exactly as it refuses wrong credentials for a stream that exists."""
+
+
+def refuse_unknown_stream(authenticate: Callable[[IngestAuth | None], None]) -> NoReturn:
+    """Answer a request for a stream that does not exist as `authenticate` answers one whose
+    credentials the stream does not take: 401 without credentials, 403 with any. The metric's
+    reason stays `unknown_stream`."""
     try:
-        presented_credentials(header)
+        authenticate(UNKNOWN_STREAM_AUTH)
     except Rejected as rejected:
-        raise Rejected(rejected.status, "unknown_stream", rejected.message, CHALLENGE) from None
+        raise Rejected(
+            rejected.status, "unknown_stream", rejected.message, rejected.headers
+        ) from None
     raise Rejected(403, "unknown_stream", CREDENTIALS_REFUSED)
+
+
+def check_firehose_key(auth: IngestAuth | None, key: str | None) -> None:
+    """Raise Rejected unless the Firehose access key header is the stream's bearer token (a
+    stream with other credentials takes no Firehose delivery)."""
+    if auth is None:
+        return
+    if not key:
+        raise Rejected(401, "unauthenticated", CREDENTIALS_MISSING)
+    if auth.bearer_token is None or not hmac.compare_digest(
+        key.encode(), auth.bearer_token.encode()
+    ):
+        raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
+
+
+def check_pubsub(auth: IngestAuth | None, token: str | None, header: str | None) -> None:
+    """Raise Rejected unless a Pub/Sub push carries the stream's credentials: an OIDC ID token
+    (`oidc`), or the bearer token in the push URL's `token` query parameter."""
+    if auth is not None and auth.oidc is not None:
+        scheme, credentials = presented_credentials(header)
+        if scheme != "bearer":
+            raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
+        check_oidc(auth.oidc, credentials)
+    elif auth is not None and auth.bearer_token is not None and token is not None:
+        if not hmac.compare_digest(token.encode(), auth.bearer_token.encode()):
+            raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
+    else:
+        check_auth(auth, header)
+
+
+def check_oidc(oidc: OidcAuth, token: str) -> None:
+    """Raise Rejected unless `token` is a JWT signed by a key of the stream's key set, for its
+    issuer and audience, unexpired, and naming its service account (when one is set). The
+    sender sees only the usual refusal; why it was refused is logged (never the token)."""
+    try:
+        keys = jwt.PyJWKSet.from_json(oidc.jwks)
+        kid = jwt.get_unverified_header(token).get("kid")
+        key = next((k for k in keys.keys if kid is None or k.key_id == kid), None)
+        if key is None:
+            raise jwt.InvalidTokenError(f"no key {kid!r} in the stream's key set")
+        claims = jwt.decode(
+            token,
+            key=key.key,
+            algorithms=[key.algorithm_name],
+            audience=oidc.audience,
+            issuer=oidc.issuer,
+            options={"require": ["exp", "iss", "aud"]},
+        )
+    except (jwt.PyJWTError, ValueError) as error:
+        log.info("OIDC token refused: %s", error)
+        raise Rejected(403, "forbidden", CREDENTIALS_REFUSED) from None
+    if oidc.email is not None and (
+        claims.get("email") != oidc.email or claims.get("email_verified") is not True
+    ):
+        log.info("OIDC token refused: not for the service account %s", oidc.email)
+        raise Rejected(403, "forbidden", CREDENTIALS_REFUSED)
 
 
 def is_loopback(address: str | None) -> bool:
@@ -306,18 +379,24 @@ class Limits:
 
 
 def prepare_batch(
-    body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+    body: bytes,
+    encoding: str | None,
+    limits: Limits,
+    received_at: datetime,
+    source: Source | None = None,
 ) -> EventBatch:
     """Decode a body into a normalised batch and enforce the size limits.
 
     CPU work, run off the event loop. The body limit holds after decompression too, so a small
-    gzip bomb is refused as well.
+    gzip bomb is refused as well. `source` names the cloud envelope of a push delivery.
     """
     try:
         data = decompress(body, encoding, limits.body_bytes)
-        batch = batch_from_json(data, received_at)
-        if batch is None:
-            batch = normalise(decode_json(data), received_at)
+        if source is not None:
+            batch = normalise(decode_source(data, source, limits.body_bytes), received_at)
+        else:
+            fast = batch_from_json(data, received_at)
+            batch = fast if fast is not None else normalise(decode_json(data), received_at)
     except BodyTooLarge as error:
         raise Rejected(413, "too_large", str(error)) from None
     except UnsupportedEncoding as error:
@@ -338,7 +417,7 @@ def prepare_batch(
 
 
 def prepare_batch_in_worker(
-    body: bytes, arguments: tuple[str | None, Limits, datetime]
+    body: bytes, arguments: tuple[str | None, Limits, datetime, Source | None]
 ) -> pa.Buffer | tuple[int, str, str]:
     """`prepare_batch` in a worker process: the batch encoded the way the store stages it
     (`encode_table`), or the rejection (status, reason, message).
@@ -346,9 +425,8 @@ def prepare_batch_in_worker(
     Encoding here spares the receiving process, whose GIL the event loop needs: there the
     table is read from these bytes without a copy, and the store writes them as they are.
     """
-    encoding, limits, received_at = arguments
     try:
-        table = prepare_batch(body, encoding, limits, received_at).table
+        table = prepare_batch(body, *arguments).table
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
     return encode_table(table)
@@ -366,12 +444,19 @@ class Decoder:
         self._pool = WorkerPool(workers, prepare_batch_in_worker) if workers else None
 
     async def prepare(
-        self, body: bytes, encoding: str | None, limits: Limits, received_at: datetime
+        self,
+        body: bytes,
+        encoding: str | None,
+        limits: Limits,
+        received_at: datetime,
+        source: Source | None = None,
     ) -> EventBatch:
         if self._pool is None:
-            return await asyncio.to_thread(prepare_batch, body, encoding, limits, received_at)
+            return await asyncio.to_thread(
+                prepare_batch, body, encoding, limits, received_at, source
+            )
         try:
-            result = await self._pool.run(body, (encoding, limits, received_at))
+            result = await self._pool.run(body, (encoding, limits, received_at, source))
         except WorkerDied:  # OOM-killed, say: the pool starts another
             raise Rejected(
                 503, "decoder_restarting", "a decoding worker died; retry", RETRY_HEADERS
@@ -424,6 +509,8 @@ class Receiver:
             [
                 web.post("/api/v1/ingest", self.ingest_by_header),
                 web.post("/api/v1/logstream/{stream}", self.ingest_by_path),
+                web.post("/api/v1/firehose/{stream}", self.ingest_firehose),
+                web.post("/api/v1/pubsub/{stream}", self.ingest_pubsub),
                 web.get("/api/v1/liveness", self.liveness),
                 web.get("/api/v1/readiness", self.readiness),
                 web.get("/api/v1/status", self.status),
@@ -437,14 +524,60 @@ class Receiver:
     async def ingest_by_path(self, request: web.Request) -> web.Response:
         return await self.ingest(request, request.match_info["stream"])
 
-    async def ingest(self, request: web.Request, name: str) -> web.Response:
+    async def ingest_firehose(self, request: web.Request) -> web.Response:
+        """Amazon Data Firehose HTTP endpoint delivery: the access key header is the credential,
+        and every answer is Firehose's JSON (`requestId`, `timestamp`, `errorMessage`)."""
+        request_id = request.headers.get("X-Amz-Firehose-Request-Id", "")
+
+        def answer(
+            status: int, body: dict[str, Any], headers: dict[str, str] | None
+        ) -> web.Response:
+            reply: dict[str, Any] = {"requestId": request_id, "timestamp": int(time.time() * 1000)}
+            if "error" in body:
+                reply["errorMessage"] = body["error"]
+            return json_response(status, reply, headers)
+
+        return await self.ingest(
+            request,
+            request.match_info["stream"],
+            source="firehose",
+            authenticate=lambda auth: check_firehose_key(
+                auth, request.headers.get("X-Amz-Firehose-Access-Key")
+            ),
+            answer=answer,
+        )
+
+    async def ingest_pubsub(self, request: web.Request) -> web.Response:
+        """Pub/Sub push: a URL `token` or an OIDC ID token; any 2xx acknowledges the message."""
+        return await self.ingest(
+            request,
+            request.match_info["stream"],
+            source="pubsub",
+            authenticate=lambda auth: check_pubsub(
+                auth, request.query.get("token"), request.headers.get("Authorization")
+            ),
+        )
+
+    async def ingest(
+        self,
+        request: web.Request,
+        name: str,
+        *,
+        source: Literal["firehose", "pubsub"] | None = None,
+        authenticate: Callable[[IngestAuth | None], None] | None = None,
+        answer: Callable[[int, dict[str, Any], dict[str, str] | None], web.Response] = (
+            json_response
+        ),
+    ) -> web.Response:
+        """One ingest request; a push `source` decodes its cloud envelope, `authenticate` checks
+        its credentials (default: the Authorization header) and `answer` words every answer."""
         started = time.perf_counter()
         metrics = self.engine.metrics
         label = ""  # a stream name for metrics only once it names a stream: no unbounded series
         try:
             leader = self.forward_to() if self.forward_to is not None else None
             if leader is not None:
-                response = await self.forward(request, leader)
+                response = await self.forward(request, leader)  # answered by the leader
                 metrics.requests_forwarded.labels(str(response.status)).inc()
                 metrics.request_seconds.labels(str(response.status)).observe(
                     time.perf_counter() - started
@@ -452,12 +585,17 @@ class Receiver:
                 return response
             if not name:
                 raise Rejected(400, "no_stream", "missing X-P-Stream header naming the stream")
+            if authenticate is None:
+                authenticate = partial(
+                    check_auth,
+                    header=request.headers.get("Authorization"),
+                    certificate=peer_certificate(request),
+                )
             stream = self.engine.stream(name)
-            authorization = request.headers.get("Authorization")
             if stream is None:
-                refuse_unknown_stream(authorization)
+                refuse_unknown_stream(authenticate)
             label = name
-            check_auth(stream.auth, authorization, peer_certificate(request))
+            authenticate(stream.auth)
             body = await read_body(request, stream, self.options.body_timeout, self.reading)
             if not self.in_flight.take(name, 1):
                 raise Rejected(
@@ -470,6 +608,7 @@ class Receiver:
                         request.headers.get("Content-Encoding"),
                         Limits(stream.max_body_bytes, stream.max_event_bytes),
                         self.engine.clock(),
+                        None if source is None else Source(source, stream.cluster),
                     )
                     try:
                         result = await self.engine.ingest(stream, batch)
@@ -484,12 +623,12 @@ class Receiver:
             metrics.request_seconds.labels(str(rejected.status)).observe(
                 time.perf_counter() - started
             )
-            response = json_response(rejected.status, {"error": rejected.message}, rejected.headers)
+            response = answer(rejected.status, {"error": rejected.message}, rejected.headers)
             if rejected.status == 408:
                 await close_after(request, response)
             return response
         metrics.request_seconds.labels("200").observe(time.perf_counter() - started)
-        return json_response(200, result)
+        return answer(200, result, None)
 
     async def forward(self, request: web.Request, leader: str) -> web.Response:
         """The answer of the receiver at `leader` to this request, the body streamed through

@@ -52,9 +52,13 @@ TYPED_FIELDS: tuple[TypedField, ...] = (
     TypedField("responseStatus_reason", ("responseStatus", "reason"), pa.string()),
     TypedField("responseStatus_message", ("responseStatus", "message"), pa.string()),
     TypedField("annotations", ("annotations",), pa.map_(pa.string(), pa.string())),
+    TypedField("cluster", ("cluster",), pa.string()),
 )
 """Typed columns, in schema order. Strings hold only JSON strings, `int64` only JSON integers
-(not booleans), lists only arrays of strings (non-string elements become null)."""
+(not booleans), lists only arrays of strings (non-string elements become null).
+
+`cluster` is no audit.k8s.io field: the cloud sources (sources.py) and AKS records add it to each
+event, naming the cluster it came from, so that one stream can hold a fleet."""
 
 EVENT_TIME = "eventTime"
 """When the apiserver recorded the event: `stageTimestamp`, else `requestReceivedTimestamp`, else

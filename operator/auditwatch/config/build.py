@@ -16,6 +16,8 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Literal, cast
 
+import jwt
+
 from auditwatch.config import schema
 from auditwatch.config.model import DEFAULT_NAMESPACE as DEFAULT_NAMESPACE
 from auditwatch.config.model import (
@@ -27,6 +29,7 @@ from auditwatch.config.model import (
     InvalidAlert,
     LabelRequirement,
     NamespaceFilter,
+    OidcAuth,
     RepeatSpec,
     StreamSpec,
     TargetSpec,
@@ -155,6 +158,8 @@ def build_stream(
         )
     elif (client := spec.get("auth", {}).get("clientCertificate")) is not None:
         auth = IngestAuth(client_certificate=_client_certificate(client, secrets))
+    elif "oidc" in spec.get("auth", {}):
+        auth = IngestAuth(oidc=_oidc(spec["auth"]["oidc"], secrets))
     retention = spec.get("retention")
     limits = spec["limits"]
     return StreamSpec(
@@ -164,8 +169,26 @@ def build_stream(
         retention=None if retention is None else _duration(retention, "spec.retention"),
         max_body_bytes=limits["maxBodyBytes"],
         max_event_bytes=limits["maxEventBytes"],
+        cluster=spec.get("cluster"),
         generation=stream["metadata"].get("generation", 1),
     )
+
+
+def _oidc(oidc: Mapping[str, Any], secrets: SecretLookup) -> OidcAuth:
+    """`spec.auth.oidc`, its key set (inline `jwks` or `jwksSecretRef`) checked to be one."""
+    if ("jwks" in oidc) == ("jwksSecretRef" in oidc):
+        raise ConfigError("InvalidSpec", "spec.auth.oidc: set exactly one of jwks or jwksSecretRef")
+    jwks = oidc.get("jwks")
+    if jwks is None:
+        ref = oidc["jwksSecretRef"]
+        where = "spec.auth.oidc.jwksSecretRef"
+        jwks = _secret(secrets, ref.get("namespace"), ref["name"], ref["key"], where)
+    try:
+        jwt.PyJWKSet.from_json(jwks)
+    except (jwt.PyJWKError, jwt.PyJWKSetError, ValueError) as error:
+        message = f"spec.auth.oidc: not a JSON Web Key Set: {error}"
+        raise ConfigError("InvalidSpec", message) from None
+    return OidcAuth(oidc["issuer"], oidc["audience"], jwks, oidc.get("serviceAccountEmail"))
 
 
 def _grant(allowed: Mapping[str, Any], home: str) -> AlertGrant:

@@ -57,14 +57,28 @@ class ClientCertificateAuth:
 
 
 @dataclass(frozen=True)
+class OidcAuth:
+    """An OIDC ID token a sender must present (Pub/Sub push): checked against these, offline."""
+
+    issuer: str
+    audience: str
+    jwks: str
+    """The issuer's JSON Web Key Set, as JSON text (no key is ever fetched over the network)."""
+    email: str | None = None
+    """The service account the token must name (its verified `email` claim), if set."""
+
+
+@dataclass(frozen=True)
 class IngestAuth:
-    """Credentials a sender must present to a stream: basic auth, a bearer token, or a client
-    certificate (over HTTPS)."""
+    """Credentials a sender must present to a stream: basic auth, a bearer token (also the
+    Firehose access key and the Pub/Sub push URL token), a client certificate (over HTTPS), or
+    an OIDC token."""
 
     username: str | None = None
     password: str | None = None
     bearer_token: str | None = None
     client_certificate: ClientCertificateAuth | None = None
+    oidc: OidcAuth | None = None
 
 
 NamespaceSource = Literal["All", "Same", "Selector", "None"]
@@ -133,6 +147,8 @@ class StreamSpec:
     retention: timedelta | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
+    cluster: str | None = None
+    """The cluster to name on events whose envelope names none (docs/sources.md)."""
     generation: int = 1
 
 
