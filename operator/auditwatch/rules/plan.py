@@ -12,7 +12,10 @@ work a batch really needs, not with the number of alerts:
   still needs it.
 - **Paths walked once.** A field without a column (`requestObject.spec.containers[*]...`) is read
   from the raw event once per batch and row for every leaf on that path, and only for the rows
-  that passed the cheap operands before it (the `and` / `or` narrowing of `evaluate.py`).
+  that passed the cheap operands before it (the `and` / `or` narrowing of `evaluate.py`). The
+  event text is not parsed whole: the plan compiles every path its alerts read into one
+  `extract.PathReader`, which decodes just those keys (about 1 µs against 15-30 for the whole
+  event), and paths sharing a prefix walk it once per row.
 - **Guard index.** The equality guards implied by an alert's top-level conjunction on the
   columns of `GUARD_COLUMNS` (`verb = "create"`, `objectRef.resource in (...)`,
   `not objectRef.subresource exists`, `stage = ...`, `objectRef.namespace = ...`; one level of
@@ -57,7 +60,15 @@ import pyarrow.compute as pc
 from auditwatch import paths
 from auditwatch.normalise import EventBatch
 from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or
-from auditwatch.rules.evaluate import VECTORISED, _compile, _Context, _Node
+from auditwatch.rules.evaluate import (
+    VECTORISED,
+    _AnnotationLeaf,
+    _compile,
+    _Context,
+    _EventLeaf,
+    _Node,
+)
+from auditwatch.rules.extract import PathReader
 
 GUARD_COLUMNS = (
     "objectRef_namespace",
@@ -180,6 +191,11 @@ class StreamPlan:
         """Compile `alerts`; a regex Python cannot compile is a ValueError naming it."""
         compiler = _Compiler()
         self._entries = [_entry(alert, compiler) for alert in alerts]
+        self._reader = PathReader(
+            shared.node.event_test.path
+            for shared in compiler.nodes.values()
+            if isinstance(shared.node, _EventLeaf | _AnnotationLeaf)
+        )
         self._unguarded: list[int] = []
         shapes: dict[tuple[int, ...], dict[Any, list[int]]] = {}
         for number, entry in enumerate(self._entries):
@@ -205,7 +221,7 @@ class StreamPlan:
 
         Alerts it did nothing to are left out: with thousands of alerts, most of them.
         """
-        ctx = _Context(batch)
+        ctx = _Context(batch, self._reader)
         live = self._candidates(ctx) if len(batch) else {}
         errors: dict[int, Exception] = {}
         whole: dict[int, int] = {}
