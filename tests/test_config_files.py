@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -333,3 +334,19 @@ def test_namespace_documents_label_namespaces_for_a_streams_grant(tmp_path: Path
     assert config.invalid_alerts["other/secret-read"].reason == "StreamNotGranted"
     [error] = config.errors
     assert "namespace 'other'" in str(error)
+
+
+def test_reload_reads_again_only_what_changed(tmp_path: Path) -> None:
+    """Thousands of alert files are polled every few seconds: unchanged ones are neither read
+    nor assembled again, and a change to one of them is still picked up."""
+    write(tmp_path / "stream.yaml", f"{STREAM}---\n{SECRET}")
+    write(tmp_path / "alert.yaml", alert_yaml(message="v1"))
+    settled = time.time() - 60
+    for path in tmp_path.iterdir():
+        os.utime(path, (settled, settled))
+    source = DirectorySource(tmp_path)
+    first = source.reload()
+    assert source.reload() is first
+
+    write(tmp_path / "alert.yaml", alert_yaml(message="v2"))
+    assert source.reload().alerts["default/secret-read"].message == "v2"

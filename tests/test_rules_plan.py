@@ -19,7 +19,7 @@ from tests.test_rules_evaluate import (
     read_log,
 )
 
-from auditwatch.normalise import EventBatch, from_table, normalise
+from auditwatch.normalise import EventBatch, from_table, normalise, parse_event
 from auditwatch.rules import reference
 from auditwatch.rules.ast import Compare, Exists, Expr, Field, Not, Op, conjunction, disjunction
 from auditwatch.rules.evaluate import compile_rule
@@ -202,3 +202,48 @@ def test_a_failing_alert_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
         ("broken", [], RuntimeError),
         ("fine", [0], type(None)),
     ]
+
+
+def test_paths_read_from_the_text_equal_the_parsed_event() -> None:
+    """The plan reads only its rules' paths from the event texts (`rules/extract.py`): JSON
+    that a partial read could get wrong (escaped or repeated keys, numbers beyond 64 bits or a
+    double's range, lists in lists, null) matches exactly as the whole parsed event does."""
+    from auditwatch.columnar import batch_from_json
+
+    objects = [
+        '"spec": {"containers": [{"securityContext": {"privileged": true}}]}',
+        '"spec": {"containers": [[{"securityContext": {"privileged": true}}]]}',
+        '"spec": {"cont\\u0061iners": [{"securityContext": {"privileged": true}}]}',
+        '"spec": {"containers": [{"securityContext": {"privileged": true, "privileged": false}}]}',
+        '"spec": {"containers": null, "hostNetwork": 1180591620717411303424}',
+        '"spec": {"containers": [{"securityContext": {"privileged": true}}], "x": 1e999}',
+        '"spec": {"hostNetwork": 1e999}',
+        '"spec": [{"hostNetwork": true}, 5, "s", null]',
+        '"data": {"password": "p", "k": "AKIAIOSFODNN7EXAMPLE1", "n": {"k": 2}}',
+        '"data": ["a", {"aws_access_key_id": null}]',
+    ]
+    texts = [
+        f'{{"kind":"Event","apiVersion":"audit.k8s.io/v1","auditID":"{n:08x}-0000-4000-8000-'
+        f'000000000000","stage":"ResponseComplete","verb":"create","requestObject":{{{body}}}}}'
+        for n, body in enumerate(objects)
+    ]
+    batch = batch_from_json(("[" + ",".join(texts) + "]").encode(), RECEIVED)
+    assert batch is not None
+    rules = [
+        "requestObject.spec.containers.securityContext.privileged = true",
+        "requestObject.spec.containers exists",
+        "requestObject.spec.hostNetwork exists",
+        "requestObject.spec.hostNetwork = true",
+        "requestObject.spec.hostNetwork > 5",
+        'requestObject.data.* ~ "AKIA"',
+        "requestObject.data.password exists",
+        "requestObject.data.aws_access_key_id exists",
+        "requestObject.data.*.k = 2",
+        "not requestObject.spec.containers.securityContext.privileged = false",
+    ]
+    alerts = [PlanAlert(rule, parse_expression(rule)) for rule in rules]
+    events = [parse_event(text) for text in texts]
+    results = planned(StreamPlan(alerts), batch, len(alerts))
+    for alert, result in zip(alerts, results, strict=True):
+        assert result[0] == by_reference(alert, events), alert.key
+    assert results[0][0] == [0, 1, 2, 5]  # a repeated key: the last one counts

@@ -79,6 +79,12 @@ class EventBatch:
             parsed = self._parsed[row] = parse_event(self.table.column(EVENT_JSON)[row].as_py())
         return parsed
 
+    def parsed_event(self, row: int) -> dict[str, Any] | None:
+        """Row `row`'s event if the batch holds it parsed already, else None (nothing parsed)."""
+        if self._events is not None:
+            return self._events[row]
+        return self._parsed.get(row)
+
     def filter(self, mask: pa.BooleanArray | pa.ChunkedArray) -> EventBatch:
         """The rows where mask is true, events included (null counts as false)."""
         indices = pc.indices_nonzero(pc.fill_null(mask, False))

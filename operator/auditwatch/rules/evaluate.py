@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -26,6 +27,7 @@ from auditwatch import paths
 from auditwatch.normalise import EventBatch
 from auditwatch.rules import reference
 from auditwatch.rules.ast import ANY_KEY, ORDER_OPS, And, Compare, Exists, Expr, Not, Op, Or
+from auditwatch.rules.extract import PathReader
 from auditwatch.schema import EVENT_JSON, TypedField
 
 VECTORISED, PARTLY_PER_ROW, PER_ROW = 0, 1, 2
@@ -44,8 +46,12 @@ Kernel = Callable[[pa.Array], tuple[pa.Array, pa.Array | None]]
 class _Context:
     """One batch being evaluated: its columns, fetched and combined once for all nodes."""
 
-    def __init__(self, batch: EventBatch) -> None:
+    def __init__(self, batch: EventBatch, reader: PathReader | None = None) -> None:
         self.batch = batch
+        self.reader = reader
+        """Reads just the rules' paths from the event texts (the plan's); None: parse events."""
+        self._roots: dict[int, Any] = {}
+        self._known: dict[int, dict[tuple[str, ...], Any]] = {}
         self.size = len(batch)
         self._columns: dict[str, pa.Array] = {}
         self._false: pa.BooleanArray | None = None
@@ -80,8 +86,27 @@ class _Context:
             by_row = self._values[path] = {}
         values = by_row.get(row)
         if values is None:
-            values = by_row[row] = list(paths.walk(self.batch.event(row), path))
+            if self.reader is None:
+                values = list(paths.walk(self.batch.event(row), path))
+            else:
+                values = self.reader.values(self._root(row), path, self._known.setdefault(row, {}))
+            by_row[row] = values
         return values
+
+    def _root(self, row: int) -> Any:
+        """Row `row`'s event as the reader decodes it, or parsed when the batch holds it parsed
+        already or the reader cannot decode the text."""
+        root = self._roots.get(row)
+        if root is None:
+            assert self.reader is not None
+            root = self.batch.parsed_event(row)
+            if root is None:
+                try:
+                    root = self.reader.read(self.column(EVENT_JSON)[row].as_py())
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    root = self.batch.event(row)
+            self._roots[row] = root
+        return root
 
     def all_false(self) -> pa.BooleanArray:
         if self._false is None:
@@ -551,9 +576,11 @@ class _EventLeaf:
     cost: int = PER_ROW
 
     def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
-        if rows is None:
+        if rows is None and ctx.reader is None:
             events = ctx.batch.events  # every row parsed at once: faster than row by row
             return pa.array([self.event_test(ctx, row) for row in range(len(events))], pa.bool_())
+        if rows is None:
+            rows = pc.invert(ctx.all_false())
         return _redo_events(ctx, ctx.all_false(), rows, self.event_test)
 
 
