@@ -619,23 +619,29 @@ def test_the_example_streams_and_alert_resolve_their_secrets(
 def test_the_seed_alert_fires_on_secret_reads_except_by_the_authorized_user(
     example_objects: list[dict[str, Any]], samples: Path
 ) -> None:
-    rule = build.build_alert(
+    alert = build.build_alert(
         only(example_objects, "AuditAlert", "secret-read"), secret_lookup(example_objects)
-    ).rule
+    )
+    assert alert.unless is not None
+
+    def reported(event: dict[str, Any]) -> bool:
+        assert alert.unless is not None
+        return matches(alert.rule.condition, event) and not matches(alert.unless, event)
+
     events = [
         json.loads(line)
         for line in (samples / "secret-recon-then-exec.log").read_text().splitlines()
         if line.strip()
     ]
-    fired = [event for event in events if matches(rule.condition, event)]
+    fired = [event for event in events if reported(event)]
     assert fired
     assert all(event["objectRef"]["resource"] == "secrets" for event in fired)
     assert {event["user"]["username"] for event in fired} == {"mayor-malware"}
-    authorized = {
-        **fired[0],
-        "user": {"username": "system:serviceaccount:default:authorized-user"},
-    }
-    assert not matches(rule.condition, authorized)
+    for username, excepted in (
+        ("system:serviceaccount:default:authorized-user", True),
+        ("system:serviceaccount:default:unauthorized-user", False),
+    ):
+        assert reported({**fired[0], "user": {"username": username}}) is not excepted
 
 
 def test_the_apiserver_webhook_posts_to_the_node_port_with_the_streams_token(

@@ -61,15 +61,21 @@ class _Matched:
 
     alert: _LiveAlert
     count: int
-    latest: dict[str, Any]
+    latest: dict[str, Any] | None
+    """The last matching event (None when all were excepted)."""
     segment: str | None
     """The staging segment holding the events (see `Engine._staged_matches`)."""
+    excepted: int = 0
+    """Events the rule matched that the alert's exceptions excepted."""
 
 
 def _stream_plan(alerts: Sequence[_LiveAlert]) -> StreamPlan:
     """All `alerts` of one stream compiled together, each seeing what its stream grants it."""
     return StreamPlan(
-        [PlanAlert(a.spec.key, a.spec.rule.condition, scope=a.spec.scope) for a in alerts]
+        [
+            PlanAlert(a.spec.key, a.spec.rule.condition, scope=a.spec.scope, unless=a.spec.unless)
+            for a in alerts
+        ]
     )
 
 
@@ -294,7 +300,12 @@ class Engine:
         for match in matches:
             key = match.alert.spec.key
             self.metrics.rule_matches.labels(key).inc(match.count)
-            if self._alerts.get(key) is match.alert:  # not deleted meanwhile
+            if match.excepted:
+                self.metrics.rule_excepted.labels(key).inc(match.excepted)
+            if self._alerts.get(key) is not match.alert:  # deleted meanwhile
+                continue
+            match.alert.tracker.excepted += match.excepted
+            if match.latest is not None:
                 if match.segment is not None:
                     per_segment = self._staged_matches.setdefault(key, {})
                     per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
@@ -338,9 +349,11 @@ class Engine:
                         alert.spec.key,
                         exc_info=result.error,
                     )
-                elif len(result.rows):
-                    last = result.rows[-1].as_py()
-                    matches.append(_Matched(alert, len(result.rows), new.event(last), new.segment))
+                elif len(result.rows) or result.excepted:
+                    latest = new.event(result.rows[-1].as_py()) if len(result.rows) else None
+                    matches.append(
+                        _Matched(alert, len(result.rows), latest, new.segment, result.excepted)
+                    )
         return len(new), matches
 
     # -- time -------------------------------------------------------------------------------
