@@ -636,3 +636,35 @@ async def test_a_deleted_alert_loses_its_kept_state(
     status = alert_status(engine, spec.key)
     assert (status["state"], status["matches"], status["targets"]) == ("Listening", 0, [])
     await engine.close()
+
+
+async def test_excepted_events_are_counted_not_reported_and_only_for_their_own_alert(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    """An alert whose exceptions cover every match stays Listening and shows how many it
+    excepted (status and /metrics); another alert on the same events is not affected: a
+    tenant's exceptions silence its own alerts only."""
+    engine = Engine(tmp_path / "data")
+    reads = secret_reads(recon)
+    readers = sorted({e["user"]["username"] for e in reads})
+    tuned_doc = alert_doc("tuned", "audit", SECRET_READS, sink.url)
+    tuned_doc["spec"]["exceptions"] = {
+        "known-readers": {"fields": ["user.username"], "values": [[name] for name in readers]}
+    }
+    tuned = build_alert(tuned_doc, no_secrets)
+    platform = alert("platform", "audit", SECRET_READS, sink.url, interval="1h")
+    engine.apply(streams("audit"), alerts(tuned, platform))
+
+    await ingest(engine, recon)
+    await settle(engine)
+
+    status = alert_status(engine, tuned.key)
+    assert (status["state"], status["matches"], status["excepted"]) == (
+        "Listening",
+        0,
+        len(reads),
+    )
+    assert alert_status(engine, platform.key)["matches"] == len(reads)
+    assert [body["alert"] for body in sink.bodies("firing")] == [platform.name]
+    metrics = engine.metrics.exposition().decode()
+    assert f'auditwatch_rule_excepted_total{{alert="{tuned.key}"}} {float(len(reads))}' in metrics
