@@ -26,6 +26,7 @@ import yaml
 from tests.kubefake import KubeFake, ResourceType
 
 from auditwatch.config import build, schema
+from auditwatch.config.files import read_documents
 from auditwatch.config.model import ConfigError
 from auditwatch.rules.reference import matches
 
@@ -894,3 +895,81 @@ async def test_the_argocd_health_check_install_never_removes_another_argocd_cm_k
         assert result.returncode == 0, result.stderr
         data = kube_fake.store.get("configmaps", "argocd-cm", "argocd")["data"]
         assert data == {**theirs, **ours}
+
+
+@needs_kubectl
+def test_an_overlay_adds_and_removes_exceptions_with_plain_patches(tmp_path: Path) -> None:
+    """A GitOps overlay tunes a detection without touching its rule: a merge patch adds a named
+    exception beside the shipped one, another removes the trust-list one with null."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shutil.copytree(ROOT / "examples" / "detections", tmp_path / "detections")
+    (overlay / "kustomization.yaml").write_text(
+        """
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../detections]
+patches:
+  - target: {kind: AuditAlert, name: k8s-secret-read}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read}
+      spec:
+        exceptions:
+          ci-deployer:
+            fields: [user.username]
+            values: [["system:serviceaccount:ci:deployer"]]
+  - target: {kind: AuditAlert, name: k8s-secret-read-denied}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read-denied}
+      spec:
+        exceptions:
+          probe: {fields: [user.username], values: [[prober]]}
+"""
+    )
+    shipped = documents(ROOT / "examples" / "detections" / "k8s-secret-read.yaml")[0]
+    objects = kustomized(overlay, tmp_path)
+    secret_read = only(objects, "AuditAlert", "k8s-secret-read")
+    assert secret_read["spec"]["rule"] == shipped["spec"]["rule"]
+    assert secret_read["spec"]["exceptions"] == {
+        "trusted-infrastructure": {"trustList": "infrastructure"},
+        "ci-deployer": {
+            "fields": ["user.username"],
+            "values": [["system:serviceaccount:ci:deployer"]],
+        },
+    }
+    built = build.build_alert(secret_read, secret_lookup(objects))
+    assert built.trust_lists == ("infrastructure",) and built.exceptions is not None
+    assert only(objects, "AuditAlert", "k8s-secret-read-denied")["spec"]["exceptions"] == {
+        "probe": {"fields": ["user.username"], "values": [["prober"]]}
+    }
+
+    (overlay / "kustomization.yaml").write_text(
+        (overlay / "kustomization.yaml").read_text()
+        + """  - target: {kind: AuditAlert, name: k8s-secret-read}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read}
+      spec:
+        exceptions:
+          trusted-infrastructure: null
+"""
+    )
+    switched_off = only(kustomized(overlay, tmp_path), "AuditAlert", "k8s-secret-read")
+    assert list(switched_off["spec"]["exceptions"]) == ["ci-deployer"]
+
+
+def kustomized(directory: Path, scratch: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` output read as auditwatch reads files (`operator: =` unquoted)."""
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = scratch / "rendered.yaml"
+    rendered.write_text(result.stdout)
+    return [document for document in read_documents(rendered) if document]
