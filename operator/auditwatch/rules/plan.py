@@ -39,7 +39,8 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
 - `AlertResult.rows` (grouped thresholds, issue #12): the indices of the matching rows, so a
   grouped window can read the group-by column of exactly those rows.
 The engine builds the `PlanAlert`s from the AuditAlerts (`engine._stream_plan`): it sets
-`scope` from what the alert's stream grants it (`AlertSpec.scope`); `unless` is not used yet.
+`scope` from what the alert's stream grants it (`AlertSpec.scope`) and `unless` from its
+exceptions and the trust lists they name (`AlertSpec.unless`, `rules/exceptions.py`).
 """
 
 from __future__ import annotations
