@@ -369,3 +369,54 @@ def test_help_says_what_query_since_and_the_operator_namespace_are() -> None:
     assert "event time" in query_help and "not the time auditwatch received them" in query_help
     run_help = " ".join(run("run", "--help").output.split())
     assert "operator's namespace" in run_help and "kubeconfig's current context" in run_help
+
+
+def test_tune_replays_an_alert_over_stored_events_and_suggests_the_exception(
+    tmp_path: Path,
+) -> None:
+    """The seed story, stored; the seed alert without its exception reports both readers. The
+    exception `tune` prints for the authorized one, added to the alert, leaves only the
+    unauthorized reads, the rest counted as excepted."""
+    from auditwatch.normalise import normalise
+    from auditwatch.store import Store
+
+    store = Store(tmp_path / "data")
+    store.append("auditdemo", normalise(read_lines(STORY), received_at=datetime.now(UTC)))
+    store.close()
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    shutil.copy(EXAMPLES / "standalone" / "auditdemo-stream.yaml", resources)
+    alert = yaml.safe_load((EXAMPLES / "standalone" / "secret-read-alert.yaml").read_text())
+    del alert["spec"]["exceptions"]
+    (resources / "alert.yaml").write_text(yaml.safe_dump(alert))
+    tune = ("tune", resources, "--alert", "secret-read", "--data", tmp_path / "data")
+
+    before = run(*tune, "--since", "2025-11-26T00:00:00Z")
+    assert before.exit_code == 0, before.output
+    assert "6 matching event(s), 0 excepted, 6 reported, 1 firing(s)" in before.output
+    authorized = "system:serviceaccount:default:authorized-user"
+    assert re.search(rf"^{re.escape(authorized)} +3 +default$", before.output, re.M)
+    suggestion = before.output.split(f"# silences {authorized} (3 event(s)):\n")[1]
+    exception = yaml.safe_load(suggestion.split("\n\n")[0])
+    assert exception == {
+        "spec": {
+            "exceptions": {
+                "tuned-default-authorized-user": {
+                    "fields": ["user.username", "objectRef.namespace"],
+                    "comps": ["=", "in"],
+                    "values": [[authorized, ["default"]]],
+                }
+            }
+        }
+    }
+
+    alert["spec"]["exceptions"] = exception["spec"]["exceptions"]
+    (resources / "alert.yaml").write_text(yaml.safe_dump(alert))
+    after = run(*tune, "--since", "2025-11-26T00:00:00Z")
+    assert after.exit_code == 0, after.output
+    assert "6 matching event(s), 3 excepted, 3 reported, 1 firing(s)" in after.output
+    assert authorized not in after.output
+
+    missing = run("tune", resources, "--alert", "nope", "--data", tmp_path / "data")
+    assert missing.exit_code == 2
+    assert "AlertNotFound: no AuditAlert named 'nope'" in missing.output

@@ -15,6 +15,7 @@ from auditwatch.config.model import ConfigError
 from auditwatch.rules.ast import Rule
 from auditwatch.rules.errors import RuleError
 from auditwatch.rules.parse import parse_expression, parse_rule
+from auditwatch.rules.reference import matches
 
 
 class Secrets:
@@ -486,3 +487,61 @@ def test_repeats_and_a_threshold_do_not_go_together() -> None:
     rule = {"type": "column", "config": {"column": "verb", "value": "get", "repeats": 3}}
     with pytest.raises(ConfigError, match=r"use threshold\.count"):
         build_alert(alert(rule=rule, threshold={"count": 5, "window": "1m"}), NO_SECRETS)
+
+
+INFRASTRUCTURE = {
+    "infrastructure": {
+        "entries": {
+            "cert-manager": {
+                "serviceAccounts": [{"namespace": "cert-manager", "name": "cert-manager"}],
+                "resources": ["secrets"],
+            }
+        }
+    }
+}
+
+
+def test_exceptions_and_trust_lists_make_what_the_alert_excepts() -> None:
+    built = build_alert(
+        alert(
+            exceptions={
+                "reader": {"fields": ["user.username"], "values": [["system:serviceaccount:a:b"]]},
+                "infra": {"trustList": "infrastructure"},
+            }
+        ),
+        NO_SECRETS,
+    )
+    assert built.trust_lists == ("infrastructure",)
+    streams = {"auditdemo": build_stream(stream(trustLists=INFRASTRUCTURE), NO_SECRETS)}
+    running = check_stream(built, streams)
+    assert running.unless is not None
+    for username, excepted in [
+        ("system:serviceaccount:a:b", True),
+        ("system:serviceaccount:cert-manager:cert-manager", True),
+        ("system:serviceaccount:a:bb", False),
+    ]:
+        event = {"user": {"username": username}, "objectRef": {"resource": "secrets"}}
+        assert matches(running.unless, event) is excepted
+
+
+def test_a_trust_list_the_stream_lacks_makes_the_alert_invalid() -> None:
+    built = build_alert(alert(exceptions={"i": {"trustList": "infra"}}), NO_SECRETS)
+    streams = {"auditdemo": build_stream(stream(trustLists=INFRASTRUCTURE), NO_SECRETS)}
+    with pytest.raises(ConfigError) as error:
+        check_stream(built, streams)
+    assert error.value.reason == "TrustListNotFound"
+    assert "no trust list 'infra' (its spec.trustLists: infrastructure)" in error.value.message
+
+
+def test_a_bad_exception_is_an_invalid_rule_with_its_path_and_column() -> None:
+    bad = alert(exceptions={"typo": {"fields": ["user.nmae"], "values": [["x"]]}})
+    with pytest.raises(ConfigError) as error:
+        build_alert(bad, NO_SECRETS)
+    assert error.value.reason == "InvalidRule"
+    assert error.value.message.startswith('spec.exceptions["typo"].fields[0]: unknown field')
+    assert error.value.message.endswith("at line 1, column 6")
+    misspelt = alert(exceptions={"typo": {"feilds": ["verb"], "values": [["get"]]}})
+    with pytest.raises(ConfigError) as error:
+        build_alert(misspelt, NO_SECRETS)
+    assert error.value.reason == "InvalidSpec"
+    assert "spec.exceptions.typo.feilds: unknown field" in error.value.message

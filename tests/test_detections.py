@@ -24,11 +24,12 @@ import yaml
 from tests.sample_data import SAMPLES
 
 from auditwatch import paths
-from auditwatch.config.build import build_alert
+from auditwatch.config.build import build_alert, build_stream, check_stream
+from auditwatch.config.model import StreamSpec
 from auditwatch.decode import decode_file
 from auditwatch.groups import GroupedTracker
 from auditwatch.normalise import normalise
-from auditwatch.rules.ast import Rule
+from auditwatch.rules.ast import Expr, Not, Rule, conjunction
 from auditwatch.rules.evaluate import compile_rule
 from auditwatch.rules.parse import parse_rule
 from auditwatch.rules.plan import PlanAlert, StreamPlan
@@ -37,6 +38,7 @@ from auditwatch.sources import gke_event
 
 REPO = Path(__file__).resolve().parent.parent
 DETECTIONS_DIR = REPO / "examples" / "detections"
+STREAM_FILE = REPO / "examples" / "cluster" / "kube-audit-stream.yaml"
 DOCS = REPO / "docs" / "detections.md"
 EVENTS_DIR = Path(__file__).resolve().parent / "detection_events"
 SAMPLES_DIR = SAMPLES
@@ -189,12 +191,32 @@ class Detection:
     path: Path
     resource: dict[str, Any]
     rule: Rule
+    unless: Expr | None
+    """Its exceptions, the stream's trust lists resolved, as the operator runs them."""
 
 
 def _load(path: Path) -> Detection:
     resource = yaml.safe_load(path.read_text())
     spec_rule = resource["spec"]["rule"]
-    return Detection(path, resource, parse_rule(spec_rule["type"], spec_rule["config"]))
+    alert = check_stream(build_alert(resource, _no_secret), {"kube-audit": kube_audit_stream()})
+    return Detection(
+        path, resource, parse_rule(spec_rule["type"], spec_rule["config"]), alert.unless
+    )
+
+
+def _no_secret(namespace: str | None, name: str, key: str) -> str:
+    return "placeholder"
+
+
+@cache
+def kube_audit_stream() -> StreamSpec:
+    """The stream the detections watch, with its shipped trust lists."""
+    (stream,) = [
+        document
+        for document in yaml.safe_load_all(STREAM_FILE.read_text())
+        if document["kind"] == "AuditStream"
+    ]
+    return build_stream(stream, _no_secret)
 
 
 DETECTION_FILES = sorted(p for p in DETECTIONS_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
@@ -222,7 +244,10 @@ def label(event: dict[str, Any]) -> str:
 def fired(name: str) -> list[str]:
     """Labels of the corpus events that detection `name` matches, checked by both evaluators."""
     events = corpus()
-    condition = detections()[name].rule.condition
+    detection = detections()[name]
+    condition = detection.rule.condition
+    if detection.unless is not None:  # what is reported: the rule, less its exceptions
+        condition = conjunction([condition, Not(detection.unless)])
     batch = normalise(events, datetime(2025, 1, 1, tzinfo=UTC))
     vectorised = compile_rule(condition).evaluate(batch).to_pylist()
     per_event = [matches(condition, event) for event in events]
@@ -290,11 +315,36 @@ def test_every_test_named_in_the_docs_exists() -> None:
 # ---------------------------------------------------------------------------------------------
 # Secrets
 
+# Trusted infrastructure (tests/detection_events/trusted-infrastructure.jsonl): each add-on is
+# trusted for what its job needs, by the kube-audit stream's shipped trust list.
+CERT_MANAGER_GET_IN_TEAM_A = "3ed47648-6035-5ac4-9910-aafcf24a4c88"
+KUBE_STATE_METRICS_LIST = "8fbcbd82-bc49-5e6a-a15b-0c5a6e4203a2"
+KUBE_STATE_METRICS_GET = "3f7bf79a-f632-5234-ae85-1d927aef9717"  # it only ever lists
+ARGOCD_SERVER_GET_IN_ARGOCD = "2236e579-e188-554c-8b3f-ce8f5cc60732"
+ARGOCD_SERVER_GET_IN_PAYMENTS = "91394b87-f5c8-5b78-8a2d-256dd05810a4"  # outside its namespace
+SPOOFED_CERT_MANAGER_IN_TEAM_A = "3822318a-5518-5087-88f1-ec99fb05bf34"  # same name, not it
+AUDITWATCH_GET_REFERENCED = "1cc240ac-ce40-5548-96dc-d2e4a8162624"
+TRUSTED_DOING_THEIR_JOB = [
+    CERT_MANAGER_GET_IN_TEAM_A,
+    KUBE_STATE_METRICS_LIST,
+    ARGOCD_SERVER_GET_IN_ARGOCD,
+    AUDITWATCH_GET_REFERENCED,
+]
+TRUSTED_BEYOND_THEIR_JOB = [
+    KUBE_STATE_METRICS_GET,
+    ARGOCD_SERVER_GET_IN_PAYMENTS,
+    SPOOFED_CERT_MANAGER_IN_TEAM_A,
+]
+
 
 def test_secret_read() -> None:
     expect(
         "k8s-secret-read",
-        fires=["secret-get-by-developer", "secret-list-by-ci-serviceaccount"],
+        fires=[
+            "secret-get-by-developer",
+            "secret-list-by-ci-serviceaccount",
+            *TRUSTED_BEYOND_THEIR_JOB,
+        ],
         silent=[
             "secret-get-by-controller-manager",
             "secret-get-by-kubelet",
@@ -302,8 +352,25 @@ def test_secret_read() -> None:
             "secret-get-not-found",
             RECON_SECRET_LIST_403,
             IMPERSONATED_SECRET_LIST_403,
+            *TRUSTED_DOING_THEIR_JOB,
         ],
     )
+
+
+def test_secret_read_silences_trusted_infrastructure_by_its_trust_list_not_its_rule() -> None:
+    """The rule matches every add-on read: the exception naming the stream's trust list is what
+    excepts those doing their job (`test_secret_read`), so removing it (a patch setting it to
+    null) switches the defaults off. The operator's own account is an entry one can see."""
+    rule = detections()["k8s-secret-read"].rule.condition
+    ids = {e["auditID"] for e in corpus() if matches(rule, e)}
+    assert set(TRUSTED_DOING_THEIR_JOB + TRUSTED_BEYOND_THEIR_JOB) <= ids
+    resource = detections()["k8s-secret-read"].resource
+    assert resource["spec"]["exceptions"] == {
+        "trusted-infrastructure": {"trustList": "infrastructure"}
+    }
+    entries = kube_audit_stream().trust_lists["infrastructure"].entries
+    operator = [entry for entry in entries if entry.name == "auditwatch"]
+    assert [e.service_accounts for e in operator] == [(("auditwatch", "auditwatch"),)]
 
 
 def test_secret_read_denied() -> None:

@@ -724,3 +724,60 @@ async def test_repeats_counts_matches_within_resolve_after_not_in_a_row(
     assert alert_status(engine, spec.key)["state"] == "Firing"
     assert [body["count"] for body in sink.bodies("firing")] == [3]
     await engine.close()
+
+
+async def test_excepted_events_are_counted_not_reported_and_only_for_their_own_alert(
+    tmp_path: Path, sink: WebhookSink, recon: list[dict[str, Any]]
+) -> None:
+    """An alert whose exceptions cover every match stays Listening and shows how many it
+    excepted (status and /metrics); another alert on the same events is not affected: a
+    tenant's exceptions silence its own alerts only."""
+    engine = Engine(tmp_path / "data")
+    reads = secret_reads(recon)
+    readers = sorted({e["user"]["username"] for e in reads})
+    tuned_doc = alert_doc("tuned", "audit", SECRET_READS, sink.url)
+    tuned_doc["spec"]["exceptions"] = {
+        "known-readers": {"fields": ["user.username"], "values": [[name] for name in readers]}
+    }
+    tuned = build_alert(tuned_doc, no_secrets)
+    platform = alert("platform", "audit", SECRET_READS, sink.url, interval="1h")
+    engine.apply(streams("audit"), alerts(tuned, platform))
+
+    await ingest(engine, recon)
+    await settle(engine)
+
+    status = alert_status(engine, tuned.key)
+    assert (status["state"], status["matches"], status["excepted"]) == (
+        "Listening",
+        0,
+        len(reads),
+    )
+    assert alert_status(engine, platform.key)["matches"] == len(reads)
+    assert [body["alert"] for body in sink.bodies("firing")] == [platform.name]
+    metrics = engine.metrics.exposition().decode()
+    assert f'auditwatch_rule_excepted_total{{alert="{tuned.key}"}} {float(len(reads))}' in metrics
+
+
+async def test_a_grouped_threshold_counts_only_what_its_exceptions_leave(
+    tmp_path: Path, sink: WebhookSink
+) -> None:
+    """A scanner's refusals are excepted: they never make its group fire, and the count of
+    them is in the status across a restart, as an ungrouped alert's is."""
+    data = tmp_path / "data"
+    document = alert_doc("refusals", "audit", "responseStatus.code = 403", sink.url)
+    document["spec"]["threshold"] = {"count": 3, "window": "1m", "groupBy": ["user.username"]}
+    document["spec"]["exceptions"] = {"scanner": {"fields": ["user.username"], "values": [["kb"]]}}
+    spec = build_alert(document, no_secrets)
+    first = Engine(data)
+    first.apply(streams("audit"), alerts(spec))
+    await ingest(first, refusals("kb", 0, 10, 20, 30) + refusals("eve", 0, 20, 50))
+    await settle(first)
+    assert [body["group"] for body in sink.bodies("firing")] == [{"user.username": "eve"}]
+    status = alert_status(first, spec.key)
+    assert (status["matches"], status["excepted"], status["groups"]["pending"]) == (3, 4, 0)
+    await first.close()
+
+    second = Engine(data)
+    second.apply(streams("audit"), alerts(spec))
+    assert alert_status(second, spec.key)["excepted"] == 4
+    await second.close()

@@ -26,6 +26,7 @@ import yaml
 from tests.kubefake import KubeFake, ResourceType
 
 from auditwatch.config import build, schema
+from auditwatch.config.files import read_documents
 from auditwatch.config.model import ConfigError
 from auditwatch.rules.reference import matches
 
@@ -619,23 +620,29 @@ def test_the_example_streams_and_alert_resolve_their_secrets(
 def test_the_seed_alert_fires_on_secret_reads_except_by_the_authorized_user(
     example_objects: list[dict[str, Any]], samples: Path
 ) -> None:
-    rule = build.build_alert(
+    alert = build.build_alert(
         only(example_objects, "AuditAlert", "secret-read"), secret_lookup(example_objects)
-    ).rule
+    )
+    assert alert.unless is not None
+
+    def reported(event: dict[str, Any]) -> bool:
+        assert alert.unless is not None
+        return matches(alert.rule.condition, event) and not matches(alert.unless, event)
+
     events = [
         json.loads(line)
         for line in (samples / "secret-recon-then-exec.log").read_text().splitlines()
         if line.strip()
     ]
-    fired = [event for event in events if matches(rule.condition, event)]
+    fired = [event for event in events if reported(event)]
     assert fired
     assert all(event["objectRef"]["resource"] == "secrets" for event in fired)
     assert {event["user"]["username"] for event in fired} == {"mayor-malware"}
-    authorized = {
-        **fired[0],
-        "user": {"username": "system:serviceaccount:default:authorized-user"},
-    }
-    assert not matches(rule.condition, authorized)
+    for username, excepted in (
+        ("system:serviceaccount:default:authorized-user", True),
+        ("system:serviceaccount:default:unauthorized-user", False),
+    ):
+        assert reported({**fired[0], "user": {"username": username}}) is not excepted
 
 
 def test_the_apiserver_webhook_posts_to_the_node_port_with_the_streams_token(
@@ -888,3 +895,81 @@ async def test_the_argocd_health_check_install_never_removes_another_argocd_cm_k
         assert result.returncode == 0, result.stderr
         data = kube_fake.store.get("configmaps", "argocd-cm", "argocd")["data"]
         assert data == {**theirs, **ours}
+
+
+@needs_kubectl
+def test_an_overlay_adds_and_removes_exceptions_with_plain_patches(tmp_path: Path) -> None:
+    """A GitOps overlay tunes a detection without touching its rule: a merge patch adds a named
+    exception beside the shipped one, another removes the trust-list one with null."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shutil.copytree(ROOT / "examples" / "detections", tmp_path / "detections")
+    (overlay / "kustomization.yaml").write_text(
+        """
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../detections]
+patches:
+  - target: {kind: AuditAlert, name: k8s-secret-read}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read}
+      spec:
+        exceptions:
+          ci-deployer:
+            fields: [user.username]
+            values: [["system:serviceaccount:ci:deployer"]]
+  - target: {kind: AuditAlert, name: k8s-secret-read-denied}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read-denied}
+      spec:
+        exceptions:
+          probe: {fields: [user.username], values: [[prober]]}
+"""
+    )
+    shipped = documents(ROOT / "examples" / "detections" / "k8s-secret-read.yaml")[0]
+    objects = kustomized(overlay, tmp_path)
+    secret_read = only(objects, "AuditAlert", "k8s-secret-read")
+    assert secret_read["spec"]["rule"] == shipped["spec"]["rule"]
+    assert secret_read["spec"]["exceptions"] == {
+        "trusted-infrastructure": {"trustList": "infrastructure"},
+        "ci-deployer": {
+            "fields": ["user.username"],
+            "values": [["system:serviceaccount:ci:deployer"]],
+        },
+    }
+    built = build.build_alert(secret_read, secret_lookup(objects))
+    assert built.trust_lists == ("infrastructure",) and built.exceptions is not None
+    assert only(objects, "AuditAlert", "k8s-secret-read-denied")["spec"]["exceptions"] == {
+        "probe": {"fields": ["user.username"], "values": [["prober"]]}
+    }
+
+    (overlay / "kustomization.yaml").write_text(
+        (overlay / "kustomization.yaml").read_text()
+        + """  - target: {kind: AuditAlert, name: k8s-secret-read}
+    patch: |-
+      apiVersion: auditwatch.dev/v1alpha1
+      kind: AuditAlert
+      metadata: {name: k8s-secret-read}
+      spec:
+        exceptions:
+          trusted-infrastructure: null
+"""
+    )
+    switched_off = only(kustomized(overlay, tmp_path), "AuditAlert", "k8s-secret-read")
+    assert list(switched_off["spec"]["exceptions"]) == ["ci-deployer"]
+
+
+def kustomized(directory: Path, scratch: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` output read as auditwatch reads files (`operator: =` unquoted)."""
+    assert KUBECTL is not None
+    result = subprocess.run(
+        [KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = scratch / "rendered.yaml"
+    rendered.write_text(result.stdout)
+    return [document for document in read_documents(rendered) if document]

@@ -251,6 +251,8 @@ class AlertTracker:
         self.refresh_interval = refresh_interval
         self.state: AlertState = "Listening"
         self.total = 0
+        self.excepted = 0
+        """Events the rule matched that the alert's exceptions excepted (not in `total`)."""
         self.last_match_time: datetime | None = None
         self.last_event: dict[str, Any] | None = None
         self.fired_at: datetime | None = None
@@ -396,6 +398,7 @@ class AlertTracker:
         return {
             "state": self.state,
             "matches": self.total,
+            "excepted": self.excepted,
             "lastMatchTime": _iso(self.last_match_time),
             "lastMatch": None
             if self.last_event is None
@@ -417,6 +420,7 @@ class AlertTracker:
             "ruleText": self.spec.rule_text,
             "state": self.state,
             "matches": self.total,
+            "excepted": self.excepted,
             "lastMatchTime": _iso(self.last_match_time),
             "lastEvent": self.last_event,
             "firedAt": _iso(self.fired_at),
@@ -462,6 +466,7 @@ class AlertTracker:
             return tracker
         tracker.state = state
         tracker.total = _parse_int(snapshot.get("matches", 0), "matches")
+        tracker.excepted = _parse_int(snapshot.get("excepted", 0), "excepted")
         tracker.last_match_time = _parse_time(snapshot.get("lastMatchTime"), "lastMatchTime")
         tracker.last_event = last_event
         tracker.fired_at = _parse_time(snapshot.get("firedAt"), "firedAt")
@@ -522,9 +527,11 @@ def kept_status(snapshot: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     last_event = snapshot.get("lastEvent")
     matches = snapshot.get("matches")
+    excepted = snapshot.get("excepted")
     return {
         "state": snapshot["state"],
         "matches": matches if isinstance(matches, int) and not isinstance(matches, bool) else 0,
+        "excepted": excepted if isinstance(excepted, int) and not isinstance(excepted, bool) else 0,
         "lastMatchTime": snapshot.get("lastMatchTime"),
         "lastMatch": EventSummary.of(last_event).as_status()
         if isinstance(last_event, dict)

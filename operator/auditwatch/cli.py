@@ -373,6 +373,39 @@ def query(data: Path, stream: str, rule: str | None, since: str | None, until: s
 
 
 @main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--alert", "name", required=True, help="The AuditAlert: NAME or NAMESPACE/NAME.")
+@click.option("--data", default=Path("data"), type=click.Path(path_type=Path), show_default=True)
+@click.option("--since", default="7d", show_default=True, help="As for `query`.")
+@click.option("--until", default=None, help="As for `query`.")
+@click.option("--top", default=10, type=click.IntRange(min=1), show_default=True)
+def tune(
+    paths: tuple[Path, ...], name: str, data: Path, since: str, until: str | None, top: int
+) -> None:
+    """Replay an AuditAlert, with its exceptions, over stored events: what it would have fired,
+    by principal, and the exception YAML that would silence each top principal.
+
+    PATHS are YAML files or folders holding the AuditAlert and, for its trust lists and
+    namespace grant, its AuditStream (Secrets are not needed).
+    """
+    from auditwatch.config.model import ConfigError
+    from auditwatch.lint import resources_for_tuning
+    from auditwatch.store import parse_time_bound
+    from auditwatch.tune import render
+    from auditwatch.tune import tune as run_tune
+
+    try:
+        alert = resources_for_tuning(list(paths), name)
+        bounds = [None if b is None else parse_time_bound(b) for b in (since, until)]
+        report = run_tune(data, alert, since=bounds[0], until=bounds[1])
+    except ConfigError as error:
+        fail(f"{name}: {error.reason}: {error.message}", 2)
+    except ValueError as error:
+        fail(str(error), 2)
+    click.echo(render(report, alert, top), nl=False)
+
+
+@main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 def lint(paths: tuple[Path, ...]) -> None:
     """Check AuditStream / AuditAlert YAML: schema (from crds/) and rule syntax."""

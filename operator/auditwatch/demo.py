@@ -24,10 +24,12 @@ from typing import Any
 import yaml
 from aiohttp import web
 
+from auditwatch.config.build import build_alert
 from auditwatch.credentials import basic_authorization
 from auditwatch.decode import decode_file
 from auditwatch.normalise import normalise
 from auditwatch.replay import replay
+from auditwatch.rules.ast import Expr, Not, conjunction
 from auditwatch.rules.evaluate import compile_rule
 from auditwatch.rules.parse import parse_expression
 from auditwatch.serve import serve
@@ -109,11 +111,19 @@ def prepare_resources(source: Path, target: Path, webhook_url: str) -> None:
     alert_path.write_text(yaml.safe_dump(alert, sort_keys=False))
 
 
-def rule_hits(events: list[dict[str, Any]], rule_text: str) -> list[bool]:
-    """Which events the rule matches, evaluated as the server does."""
-    mask = compile_rule(parse_expression(rule_text)).evaluate(
-        normalise(events, received_at=datetime.now(UTC))
-    )
+def _no_secret(namespace: str | None, name: str, key: str) -> str:
+    return "http://127.0.0.1/"
+
+
+def rule_hits(
+    events: list[dict[str, Any]], rule_text: str, unless: Expr | None = None
+) -> list[bool]:
+    """Which events the rule matches and `unless` (the alert's exceptions) does not except,
+    evaluated as the server does."""
+    condition = parse_expression(rule_text)
+    if unless is not None:
+        condition = conjunction([condition, Not(unless)])
+    mask = compile_rule(condition).evaluate(normalise(events, received_at=datetime.now(UTC)))
     return [bool(hit) for hit in mask.to_pylist()]
 
 
@@ -136,9 +146,12 @@ async def run_demo(port: int = 0, echo: Callable[[str], None] = print) -> int:
     events = decode_file(resources / STORY_LOG)
     alert = yaml.safe_load((resources / ALERT_FILE).read_text())
     rule_text = " ".join(alert["spec"]["rule"]["config"].split())
-    hits = rule_hits(events, rule_text)
+    exceptions = alert["spec"].get("exceptions", {})
+    hits = rule_hits(events, rule_text, build_alert(alert, _no_secret).exceptions)
     echo(f"The story: {len(events)} audit events (bundled {STORY_LOG}).")
     echo(f"The alert's rule: {rule_text}")
+    for name, exception in exceptions.items():
+        echo(f"Its exception {name}: {exception['fields']} = {exception['values']}")
     echo("\n".join(story_lines(events, hits)))
     echo(
         f'(Parseable\'s example rule `... user_username !% "authorized-user"` matches '

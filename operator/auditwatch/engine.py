@@ -71,9 +71,12 @@ class _Matched:
 
     alert: _LiveAlert
     count: int
-    latest: dict[str, Any]
+    latest: dict[str, Any] | None
+    """The last matching event (None when all were excepted)."""
     segment: str | None
     """The staging segment holding the events (see `Engine._staged_matches`)."""
+    excepted: int = 0
+    """Events the rule matched that the alert's exceptions excepted."""
     groups: GroupedRows | None = None
     """With a threshold: the matches by group; `event` reads the rows they name (each
     parsed once: the last row is already, by the time the tracker reads it)."""
@@ -88,6 +91,7 @@ def _stream_plan(alerts: Sequence[_LiveAlert]) -> StreamPlan:
                 a.spec.key,
                 a.spec.rule.condition,
                 scope=a.spec.scope,
+                unless=a.spec.unless,
                 group_by=None if a.spec.threshold is None else a.spec.threshold.columns,
             )
             for a in alerts
@@ -318,7 +322,12 @@ class Engine:
         for match in matches:
             key = match.alert.spec.key
             self.metrics.rule_matches.labels(key).inc(match.count)
-            if self._alerts.get(key) is match.alert:  # not deleted meanwhile
+            if match.excepted:
+                self.metrics.rule_excepted.labels(key).inc(match.excepted)
+            if self._alerts.get(key) is not match.alert:  # deleted meanwhile
+                continue
+            match.alert.tracker.excepted += match.excepted
+            if match.latest is not None:
                 if match.segment is not None:
                     per_segment = self._staged_matches.setdefault(key, {})
                     per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
@@ -337,6 +346,7 @@ class Engine:
         """One request's matches fed to the alert's tracker; groups dropped are counted."""
         tracker = match.alert.tracker
         if isinstance(tracker, AlertTracker):
+            assert match.latest is not None  # the caller observes only batches with a match
             return tracker.observe(match.count, match.latest, now)
         assert match.groups is not None and match.event is not None
         evicted = tracker.evicted
@@ -374,11 +384,18 @@ class Engine:
                         alert.spec.key,
                         exc_info=result.error,
                     )
-                elif len(result.rows):
-                    last = new.event(result.rows[-1].as_py())  # parsed here, off the loop
+                elif len(result.rows) or result.excepted:
+                    # the last match parsed here, off the loop
+                    latest = new.event(result.rows[-1].as_py()) if len(result.rows) else None
                     matches.append(
                         _Matched(
-                            alert, len(result.rows), last, new.segment, result.groups, new.event
+                            alert,
+                            len(result.rows),
+                            latest,
+                            new.segment,
+                            result.excepted,
+                            result.groups,
+                            new.event,
                         )
                     )
         return len(new), matches

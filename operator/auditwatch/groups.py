@@ -69,6 +69,8 @@ class GroupedTracker:
         self.threshold: ThresholdSpec = spec.threshold
         self.refresh_interval = refresh_interval
         self.total = 0
+        self.excepted = 0
+        """Events the rule matched that the alert's exceptions excepted (not in `total`)."""
         self.last_match_time: datetime | None = None
         self.last_event: dict[str, Any] | None = None
         self.fired_at: datetime | None = None
@@ -215,6 +217,7 @@ class GroupedTracker:
         its groups notify), for the status and snapshot fields they share."""
         whole = AlertTracker(self._group_spec)
         whole.state, whole.total, whole.sequence = self.state, self.total, self.sequence
+        whole.excepted = self.excepted
         whole.last_match_time, whole.last_event = self.last_match_time, self.last_event
         whole.fired_at, whole.resolved_at = self.fired_at, self.resolved_at
         return whole
@@ -268,6 +271,7 @@ class GroupedTracker:
         if not continues(spec, snapshot):
             return tracker
         tracker.total, tracker.last_event = whole.total, whole.last_event
+        tracker.excepted = whole.excepted
         tracker.last_match_time = whole.last_match_time
         tracker.fired_at, tracker.resolved_at = whole.fired_at, whole.resolved_at
         groups = snapshot.get("groups")

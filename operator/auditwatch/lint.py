@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from auditwatch.config import schema
-from auditwatch.config.build import build_alert, build_stream
+from auditwatch.config.build import DEFAULT_NAMESPACE, build_alert, build_stream, check_stream
 from auditwatch.config.files import (
     YamlFileError,
     kind_problem,
@@ -21,7 +21,7 @@ from auditwatch.config.files import (
     resource_name,
     yaml_files,
 )
-from auditwatch.config.model import ConfigError
+from auditwatch.config.model import AlertSpec, ConfigError
 
 _PLACEHOLDER_SECRET = "https://secret.placeholder.invalid/"
 """What every secret reference resolves to here: a value every secret-fed field accepts."""
@@ -95,3 +95,51 @@ def _document_problems(document: dict[str, Any]) -> list[str]:
     except ConfigError as error:
         return [error.message]
     return []
+
+
+def resources_for_tuning(paths: list[Path], name: str) -> AlertSpec:
+    """The AuditAlert `name` (`namespace/name`, or a name found once) of the YAML in `paths`, as
+    it would run on its AuditStream (also from `paths`): scope and trust lists resolved, secret
+    references not (they do not change what an alert matches). ConfigError if either is
+    missing or unusable; YAML that does not parse is an error too."""
+    documents: list[dict[str, Any]] = []
+    for path in paths:
+        for file in yaml_files(path) if path.is_dir() else [path]:
+            try:
+                documents.extend(d for d in read_documents(file) if isinstance(d, dict))
+            except YamlFileError as error:
+                raise ConfigError("InvalidYAML", f"{file}: {error}") from None
+    namespace, _, short = name.rpartition("/")
+    alerts = [
+        document
+        for document in documents
+        if document.get("kind") == "AuditAlert"
+        and isinstance(metadata := document.get("metadata"), dict)
+        and metadata.get("name") == short
+        and (not namespace or (metadata.get("namespace") or DEFAULT_NAMESPACE) == namespace)
+    ]
+    if len(alerts) != 1:
+        found = (
+            "no AuditAlert" if not alerts else f"{len(alerts)} AuditAlerts (give NAMESPACE/NAME)"
+        )
+        raise ConfigError("AlertNotFound", f"{found} named {name!r} in the files given")
+    alert = build_alert(alerts[0], _any_secret)
+    streams = {
+        stream.name: stream
+        for document in documents
+        if document.get("kind") == "AuditStream"
+        and (document.get("metadata") or {}).get("name") == alert.stream
+        for stream in [build_stream(document, _any_secret)]
+    }
+    labels = {
+        str(document["metadata"]["name"]): dict(document["metadata"].get("labels") or {})
+        for document in documents
+        if document.get("kind") == "Namespace" and isinstance(document.get("metadata"), dict)
+    }
+    if not streams:
+        raise ConfigError(
+            "StreamNotFound",
+            f"its AuditStream {alert.stream!r} is not in the files given (needed for what the "
+            "alert may see and for its trust lists)",
+        )
+    return check_stream(alert, streams, labels)

@@ -58,6 +58,13 @@ class Metrics:
             ["alert"],
             registry=self.registry,
         )
+        self.rule_excepted = Counter(
+            "auditwatch_rule_excepted",
+            "Stored audit events that matched an alert's rule and that its exceptions excepted "
+            "(not reported, not in auditwatch_rule_matches).",
+            ["alert"],
+            registry=self.registry,
+        )
         self.notifications_sent = Counter(
             "auditwatch_notifications_sent",
             "Notifications a target accepted.",

@@ -16,7 +16,7 @@ from typing import Any
 from auditwatch.config.model import ConfigError, StreamSpec
 from auditwatch.store import StreamStats
 
-ALERT_STATUS_FIELDS = ("state", "matches", "lastMatchTime", "lastMatch", "groups")
+ALERT_STATUS_FIELDS = ("state", "matches", "excepted", "lastMatchTime", "lastMatch", "groups")
 """What an alert tracker reports that the AuditAlert status schema has room for."""
 
 TARGET_STATUS_FIELDS = ("lastSuccess", "lastError", "lastErrorTime", "sent", "failed")

@@ -36,7 +36,10 @@ from auditwatch.config.model import (
     TargetType,
     ThresholdSpec,
 )
+from auditwatch.config.trust import build_trust_lists
+from auditwatch.rules.ast import disjunction
 from auditwatch.rules.errors import RuleError
+from auditwatch.rules.exceptions import ExceptionError, compile_exceptions, exception_specs
 from auditwatch.rules.parse import parse_rule
 from auditwatch.rules.window import group_column
 
@@ -166,6 +169,7 @@ def build_stream(
         name=stream["metadata"]["name"],
         auth=auth,
         allowed_alerts=_grant(spec["allowedAlerts"], home),
+        trust_lists=build_trust_lists(spec.get("trustLists", {})),
         retention=None if retention is None else _duration(retention, "spec.retention"),
         max_body_bytes=limits["maxBodyBytes"],
         max_event_bytes=limits["maxEventBytes"],
@@ -261,6 +265,11 @@ def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec
         rule = parse_rule(rule_type, rule_config)
     except RuleError as error:
         raise ConfigError("InvalidRule", f"spec.rule.config: {error}") from error
+    exceptions = spec.get("exceptions", {})
+    try:
+        excepted = compile_exceptions(exception_specs(exceptions), "spec.exceptions")
+    except ExceptionError as error:
+        raise ConfigError("InvalidRule", str(error)) from error
     for name in spec.get("labels", {}):
         if not _LABEL_NAME.fullmatch(name):
             raise ConfigError(
@@ -282,6 +291,10 @@ def build_alert(resource: Mapping[str, Any], secrets: SecretLookup) -> AlertSpec
         severity=spec.get("severity"),
         labels=dict(spec.get("labels", {})),
         generation=metadata.get("generation", 1),
+        exceptions=excepted,
+        trust_lists=tuple(
+            sorted({entry["trustList"] for entry in exceptions.values() if "trustList" in entry})
+        ),
     )
 
 
@@ -440,10 +453,12 @@ def check_stream(
     streams: Mapping[str, StreamSpec],
     namespace_labels: Mapping[str, Mapping[str, str]] | None = None,
 ) -> AlertSpec:
-    """The alert as it runs on its stream: what it may see, by the stream's `allowedAlerts`.
+    """The alert as it runs on its stream: what it may see, by the stream's `allowedAlerts`,
+    and what the stream's trust lists it names except.
 
-    Raises StreamNotFound unless the alert's stream is among the usable `streams`, and
-    StreamNotGranted when the stream does not admit alerts from the alert's namespace.
+    Raises StreamNotFound unless the alert's stream is among the usable `streams`,
+    StreamNotGranted when the stream does not admit alerts from the alert's namespace, and
+    TrustListNotFound when it names a trust list the stream does not have.
     `namespace_labels` are the labels of each namespace, for selectors.
     """
     stream = streams.get(alert.stream)
@@ -459,4 +474,21 @@ def check_stream(
             f"spec.stream: AuditStream {alert.stream!r} does not admit AuditAlerts from namespace "
             f"{alert.namespace!r} (its spec.allowedAlerts.namespaces)",
         )
-    return replace(alert, cluster_wide=grant.cluster_wide.admits(alert.namespace, labels))
+    missing = [name for name in alert.trust_lists if name not in stream.trust_lists]
+    if missing:
+        raise ConfigError(
+            "TrustListNotFound",
+            f"spec.exceptions: AuditStream {alert.stream!r} has no trust list "
+            f"{', '.join(map(repr, missing))} (its spec.trustLists: "
+            f"{', '.join(sorted(stream.trust_lists)) or 'none'})",
+        )
+    trusted = [
+        expression
+        for name in alert.trust_lists
+        if (expression := stream.trust_lists[name].expression()) is not None
+    ]
+    return replace(
+        alert,
+        cluster_wide=grant.cluster_wide.admits(alert.namespace, labels),
+        trusted=disjunction(trusted) if trusted else None,
+    )

@@ -14,7 +14,8 @@ from typing import Literal
 
 from cryptography import x509
 
-from auditwatch.rules.ast import Rule
+from auditwatch.config.trust import TrustList
+from auditwatch.rules.ast import Expr, Rule, disjunction
 
 TargetType = Literal["webhook", "slack", "alertmanager"]
 
@@ -144,6 +145,8 @@ class StreamSpec:
     name: str
     auth: IngestAuth | None = None
     allowed_alerts: AlertGrant = AlertGrant()
+    trust_lists: dict[str, TrustList] = field(default_factory=dict)
+    """Identities the alerts on this stream may except by naming a list (`config/trust.py`)."""
     retention: timedelta | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES
@@ -217,6 +220,12 @@ class AlertSpec:
     cluster_wide: bool = False
     """Sees every event of its stream, as the stream grants; else only events about its own
     namespace (set by `config.build.check_stream`)."""
+    exceptions: Expr | None = None
+    """The events its own `spec.exceptions` (fields and values) except."""
+    trust_lists: tuple[str, ...] = ()
+    """The stream's trust lists its `spec.exceptions` name."""
+    trusted: Expr | None = None
+    """The events those trust lists except (set by `config.build.check_stream`)."""
 
     @property
     def key(self) -> str:
@@ -227,6 +236,12 @@ class AlertSpec:
     def scope(self) -> str | None:
         """The one namespace whose events this alert sees; None: the whole stream."""
         return None if self.cluster_wide else self.namespace
+
+    @property
+    def unless(self) -> Expr | None:
+        """Every event the alert excepts: matched by its rule, counted, never reported."""
+        parts = [part for part in (self.exceptions, self.trusted) if part is not None]
+        return disjunction(parts) if parts else None
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,12 @@ CLUSTER_EVENTS_NAMESPACE = "default"
 an Event whose namespace differs from its involved object's, and for a cluster-scoped object
 only `default` is accepted (as for Nodes and Namespaces)."""
 
-COUNT_FIELDS = frozenset({"eventsReceived", "lastEventTime"})
-"""An AuditStream's status fields that only count: a change of these alone is written at most
-every `counts_interval` (the first after a quiet spell at once). A stream that receives the
-operator's own API calls (its status patches are audit events too) would otherwise be patched
-every interval on an idle cluster."""
+COUNT_FIELDS = frozenset({"eventsReceived", "lastEventTime", "excepted"})
+"""Status fields that only count (an AuditStream's events, an AuditAlert's excepted events): a
+change of these alone is written at most every `counts_interval` (the first after a quiet spell
+at once). A stream that receives the operator's own API calls (its status patches are audit
+events too) would otherwise be patched every interval on an idle cluster, and so would an alert
+whose exceptions silence a busy controller."""
 
 Clock = Callable[[], datetime]
 MIN_TIME = datetime.min.replace(tzinfo=UTC)

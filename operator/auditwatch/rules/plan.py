@@ -43,7 +43,8 @@ Seams for what comes next, each a field of `PlanAlert` or `AlertResult`:
   `AlertResult.groups` holds the matching rows by group with their event times, read from the
   batch's columns (fetched once per batch for all alerts) by `rules/window.py`.
 The engine builds the `PlanAlert`s from the AuditAlerts (`engine._stream_plan`): it sets
-`scope` from what the alert's stream grants it (`AlertSpec.scope`); `unless` is not used yet.
+`scope` from what the alert's stream grants it (`AlertSpec.scope`) and `unless` from its
+exceptions and the trust lists they name (`AlertSpec.unless`, `rules/exceptions.py`).
 """
 
 from __future__ import annotations
