@@ -6,8 +6,10 @@ package), etcd, the apiserver (token auth, RBAC, the audit policy of examples/cl
 webhook kubeconfig made from examples/cluster/apiserver-webhook-kubeconfig.yaml), applies
 `manifests/` and `examples/cluster/` with kubectl, and starts the operator as the `auditwatch`
 ServiceAccount of manifests/rbac.yaml (a TokenRequest token in a kubeconfig), so RBAC gaps show.
-Binaries: $AUDITWATCH_KUBE_APISERVER (built by ../shared/tools/kube-apiserver/build.sh), etcd and
-kubectl on PATH. Tests use `Cluster.kubectl`, `Cluster.wait_for`, `Cluster.restart_apiserver`
+The apiserver also writes its audit events to `audit.log` (`Cluster.audit_events`), a record
+of what the operator did that does not depend on the operator. Binaries:
+$AUDITWATCH_KUBE_APISERVER (built by ../shared/tools/kube-apiserver/build.sh), etcd and kubectl
+on PATH. Tests use `Cluster.kubectl`, `Cluster.wait_for`, `Cluster.restart_apiserver`
 and `Cluster.operator_log`.
 """
 
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 APISERVER_VARIABLE = "AUDITWATCH_KUBE_APISERVER"
 ADMIN_TOKEN = "admin-token"
 OPERATOR_NAMESPACE = "auditwatch"
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:auditwatch"
 STREAM_TOKEN = "change-me-kube-audit"
 """The kube-audit stream's token, as examples/cluster/kube-audit-stream.yaml sets it."""
 T = TypeVar("T")
@@ -164,6 +167,12 @@ class Cluster:
 
         return self.wait_for(what, probe, timeout)
 
+    def audit_events(self, username: str | None = None) -> list[dict[str, Any]]:
+        """The apiserver's audit log so far (of `username` only, when given)."""
+        path = self.root / "audit.log"
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [e for e in events if username is None or e["user"]["username"] == username]
+
     # -- processes ---------------------------------------------------------------------------
 
     def _spawn(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
@@ -212,19 +221,21 @@ class Cluster:
         time.sleep(down_seconds)
         self.start_apiserver()
 
-    def start_operator(self, *extra: str) -> None:
-        """`auditwatch run` as the auditwatch ServiceAccount, HTTPS on the receiver's port."""
+    def start_operator(self, *extra: str, namespace_from_context: bool = False) -> None:
+        """`auditwatch run` as the auditwatch ServiceAccount, HTTPS on the receiver's port.
+
+        Its namespace from $AUDITWATCH_NAMESPACE, or with `namespace_from_context` from the
+        kubeconfig's current context only (as when run from a laptop)."""
         token = self.token(OPERATOR_NAMESPACE, "auditwatch")
-        config = _write_yaml(
-            self.root / "operator.kubeconfig", kubeconfig(self.server, self.ca.pem, token)
-        )
+        config = kubeconfig(self.server, self.ca.pem, token)
+        env = {**os.environ, "AUDITWATCH_POD_NAME": "auditwatch-test"}
+        env.pop("AUDITWATCH_NAMESPACE", None)
+        if namespace_from_context:
+            config["contexts"][0]["context"]["namespace"] = OPERATOR_NAMESPACE
+        else:
+            env["AUDITWATCH_NAMESPACE"] = OPERATOR_NAMESPACE
+        env["KUBECONFIG"] = str(_write_yaml(self.root / "operator.kubeconfig", config))
         port = self.receiver_url.rsplit(":", 1)[1]
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(config),
-            "AUDITWATCH_NAMESPACE": OPERATOR_NAMESPACE,
-            "AUDITWATCH_POD_NAME": "auditwatch-test",
-        }
         self._spawn(
             "operator",
             [
@@ -271,6 +282,7 @@ def _apiserver_args(root: Path, etcd: str, port: int, webhook: Path) -> list[str
         "--service-cluster-ip-range=10.96.0.0/16",
         f"--audit-policy-file={REPO / 'examples/cluster/audit-policy.yaml'}",
         f"--audit-webhook-config-file={webhook}",
+        f"--audit-log-path={root / 'audit.log'}",
         "--audit-webhook-batch-max-wait=1s",
         "--audit-webhook-initial-backoff=1s",
         "--enable-admission-plugins=ServiceAccount",

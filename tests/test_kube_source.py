@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from auditwatch.engine import Engine
-from auditwatch.kube.api import operator_namespace
+from auditwatch.kube.api import ApiError, operator_namespace
 from auditwatch.kube.source import KubeConfig, KubeSource
 
 OPERATOR_NAMESPACE = "auditwatch"
@@ -65,8 +65,11 @@ class FakeApi:
     def __init__(self) -> None:
         self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.fetched: list[tuple[str, str]] = []
+        self.reachable = True
 
     async def fetch(self, namespace: str, name: str) -> dict[str, Any] | None:
+        if not self.reachable:
+            raise ApiError(0, f"GET {namespace}/{name}: connection refused")
         self.fetched.append((namespace, name))
         return self.secrets.get((namespace, name))
 
@@ -171,7 +174,7 @@ async def test_an_alert_on_a_missing_stream_recovers_when_the_stream_appears(
     assert applied.alert_status()["state"] == "Listening"
 
 
-async def test_a_missing_secret_is_fetched_once_and_followed_until_it_exists(
+async def test_a_missing_secret_is_read_by_name_and_followed_until_it_exists(
     source: KubeSource, applied: Applied, api: FakeApi
 ) -> None:
     await source.load([stream(), alert(targets=HOOK_FROM_SECRET)])
@@ -179,20 +182,39 @@ async def test_a_missing_secret_is_fetched_once_and_followed_until_it_exists(
     assert ready["reason"] == "SecretNotFound" and "'team/hook'" in ready["message"]
     assert api.fetched == [("team", "hook")]
 
-    await source.secret_event("ADDED", secret("team", "unrelated", token="x"))
-    assert len(applied.configs) == 1  # nobody reads it: no rebuild
-    await source.secret_event("ADDED", secret("team", "hook", token="Bearer one\n"))
+    api.secrets[("team", "unrelated")] = secret("team", "unrelated", token="x")
+    assert await source.reread_secrets() == 0
+    assert api.fetched == [("team", "hook")] * 2  # only the referenced Secret, by name
+    assert len(applied.configs) == 1  # nothing changed: no rebuild
+
+    api.secrets[("team", "hook")] = secret("team", "hook", token="Bearer one\n")
+    assert await source.reread_secrets() == 1
     assert applied.alert_status()["state"] == "Listening"
     [target] = applied.configs[-1].alerts["team/reads"].targets
     assert target.headers == {"Authorization": "Bearer one"}
 
-    await source.secret_event("MODIFIED", secret("team", "hook", token="Bearer two"))
+    api.secrets[("team", "hook")] = secret("team", "hook", token="Bearer two")
+    await source.reread_secrets()
     [target] = applied.configs[-1].alerts["team/reads"].targets
     assert target.headers == {"Authorization": "Bearer two"}
-    assert api.fetched == [("team", "hook")]  # the watch keeps it current from then on
 
-    await source.secret_event("DELETED", secret("team", "hook"))
+    del api.secrets[("team", "hook")]
+    await source.reread_secrets()
     assert applied.alert_status()["state"] == "Invalid"
+    assert set(api.fetched) == {("team", "hook")}
+
+
+async def test_a_failed_read_keeps_the_secret_as_it_was(
+    source: KubeSource, applied: Applied, api: FakeApi
+) -> None:
+    """The apiserver away for a moment is no deletion: the alert keeps its target."""
+    api.secrets[("team", "hook")] = secret("team", "hook", token="Bearer one")
+    await source.load([stream(), alert(targets=HOOK_FROM_SECRET)])
+    assert applied.alert_status()["state"] == "Listening"
+    api.reachable = False
+    assert await source.reread_secrets() == 0
+    assert applied.alert_status()["state"] == "Listening"
+    assert len(applied.configs) == 1
 
 
 async def test_stream_credentials_come_from_the_operator_namespace(
@@ -206,7 +228,8 @@ async def test_stream_credentials_come_from_the_operator_namespace(
     auth = applied.configs[-1].streams["auditdemo"].auth
     assert auth is not None and (auth.username, auth.password) == ("apiserver", "s3cret")
 
-    await source.secret_event("DELETED", secret(OPERATOR_NAMESPACE, "ingest"))
+    del api.secrets[(OPERATOR_NAMESPACE, "ingest")]
+    await source.reread_secrets()
     config = applied.configs[-1]
     assert config.invalid_streams["auditdemo"].reason == "SecretNotFound"
     assert config.problems and "SecretNotFound" in config.problems[0]
@@ -254,7 +277,8 @@ async def test_a_stream_secret_message_names_the_namespace_and_tells_secret_from
     assert f"Secret '{OPERATOR_NAMESPACE}/ingest' does not exist" in error.message
     assert "operator's namespace" in error.message
 
-    await source.secret_event("ADDED", secret(OPERATOR_NAMESPACE, "ingest", username="u"))
+    api.secrets[(OPERATOR_NAMESPACE, "ingest")] = secret(OPERATOR_NAMESPACE, "ingest", username="u")
+    await source.reread_secrets()
     error = applied.configs[-1].invalid_streams["auditdemo"]
     assert f"Secret '{OPERATOR_NAMESPACE}/ingest' exists but has no key 'password'" in (
         error.message

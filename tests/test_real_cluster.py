@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.realcluster import REPO, Cluster, missing_tools, start
+from tests.realcluster import OPERATOR_NAMESPACE, OPERATOR_USER, REPO, Cluster, missing_tools, start
 
 pytestmark = pytest.mark.skipif(
     missing_tools() is not None, reason=f"needs a real cluster: {missing_tools()}"
@@ -321,3 +321,191 @@ spec:
     assert post(good) == 200
     assert post(other) == 403
     assert post(None) == 401
+
+
+# -- the operator's own footprint, and its lifecycle through the real API (#10 item 3, #11) ------
+
+
+def state(cluster: Cluster, name: str, namespace: str = "seed") -> dict[str, Any]:
+    status: dict[str, Any] = cluster.get("auditalert", name, "-n", namespace).get("status", {})
+    return status
+
+
+def restart_operator(cluster: Cluster, *extra: str, namespace_from_context: bool = False) -> int:
+    """The operator stopped and started again; the length of its log before the new start."""
+    cluster.stop_process("operator")
+    offset = len(cluster.operator_log.read_text())
+    cluster.start_operator(*extra, namespace_from_context=namespace_from_context)
+    cluster.wait_for(
+        "the restarted operator leading with its configuration applied",
+        lambda: "configuration:" in cluster.operator_log.read_text()[offset:],
+    )
+    return offset
+
+
+def test_the_operator_reads_secrets_by_name_only(seed: Cluster) -> None:
+    """#10 item 3: no list or watch of Secrets (kopf used to list and watch every Secret of the
+    cluster), only GETs of the Secrets the resources name, as the apiserver's audit log shows."""
+    reads = [
+        e
+        for e in seed.audit_events(OPERATOR_USER)
+        if e.get("objectRef", {}).get("resource") == "secrets"
+    ]
+    assert reads, "the operator read no Secret at all"
+    assert {e["verb"] for e in reads} == {"get"}
+    assert {e["objectRef"]["name"] for e in reads} <= {
+        "kube-audit-ingest",
+        "auditdemo-ingest",
+        "secret-read-webhook",
+        "does-not-exist",
+        "senders-ca",
+    }
+
+
+def test_last_match_shows_exactly_the_last_match(seed: Cluster) -> None:
+    """#11 item 4: after a match with namespace and name, a cluster-wide list (neither) shows
+    neither: no key stays from the match before."""
+    seed.apply(f"""
+apiVersion: auditwatch.dev/v1alpha1
+kind: AuditAlert
+metadata:
+  name: admin-reads-secrets
+  namespace: {OPERATOR_NAMESPACE}
+spec:
+  stream: kube-audit
+  message: "{{user.username}} {{verb}} secrets"
+  rule:
+    type: composite
+    config: 'objectRef.resource = "secrets" and verb in ("get", "list") and user.username = "admin"'
+""")
+    seed.wait_for(
+        "admin-reads-secrets Listening",
+        lambda: state(seed, "admin-reads-secrets", OPERATOR_NAMESPACE).get("state") == "Listening",
+    )
+    seed.kubectl("get", "secret", "mysecret", "-n", "seed")
+    named = seed.wait_for(
+        "a match of the named read",
+        lambda: (
+            (
+                last := state(seed, "admin-reads-secrets", OPERATOR_NAMESPACE).get("lastMatch", {})
+            ).get("name")
+            == "mysecret"
+            and last
+        ),
+    )
+    assert named["namespace"] == "seed" and named["verb"] == "get"
+    seed.kubectl("get", "secrets", "-A")
+    listed = seed.wait_for(
+        "a match of the cluster-wide list",
+        lambda: (
+            (
+                last := state(seed, "admin-reads-secrets", OPERATOR_NAMESPACE).get("lastMatch", {})
+            ).get("verb")
+            == "list"
+            and last
+        ),
+    )
+    assert "namespace" not in listed and "name" not in listed, listed
+    seed.kubectl("delete", "auditalert", "admin-reads-secrets", "-n", OPERATOR_NAMESPACE)
+
+
+def test_a_stream_or_its_secret_gone_for_a_while_keeps_the_alerts(seed: Cluster) -> None:
+    """#11 item 3: the stream's Secret, then the stream, deleted and created again (as a GitOps
+    re-sync does): the alert is Invalid meanwhile with its state and counts, and then back where
+    it was, without a second Firing Event."""
+    restart_operator(seed, "--secret-refresh", "2")
+    name = "seed-unauthorized"
+    firing = seed.wait_for(
+        f"{name} Firing after the restart",
+        lambda: (status := state(seed, name)).get("state") == "Firing" and status,
+    )
+    assert firing["matches"] == 1
+
+    def gone_and_back(*what: str) -> None:
+        seed.kubectl("delete", *what)
+        invalid = seed.wait_for(
+            f"{name} Invalid without {what}",
+            lambda: (status := state(seed, name)).get("state") == "Invalid" and status,
+        )
+        assert invalid["matches"] == 1
+        assert invalid["lastMatch"] == firing["lastMatch"]
+        seed.kubectl("apply", "-k", str(REPO / "examples/cluster"))
+        back = seed.wait_for(
+            f"{name} valid again with {what}",
+            lambda: (status := state(seed, name)).get("state") != "Invalid" and status,
+        )
+        assert (back["state"], back["matches"]) == ("Firing", 1)
+
+    gone_and_back("secret", "kube-audit-ingest", "-n", OPERATOR_NAMESPACE)
+    gone_and_back("auditstream", "kube-audit")
+    firings = [e for e in seed.events("seed", "AuditAlert", name) if e["reason"] == "Firing"]
+    assert len(firings) == 1, firings
+
+
+def test_an_apiserver_outage_of_ten_seconds_is_ridden_out(seed: Cluster) -> None:
+    """#11 item 6: the operator neither exits nor loses its alerts while the apiserver is away
+    for 10 s; it holds the Lease afterwards and keeps matching."""
+    name = "seed-unauthorized"
+    before = state(seed, name)["matches"]
+    seed.restart_apiserver(down_seconds=10)
+    time.sleep(3)
+    assert seed.processes["operator"].poll() is None, "the operator exited"
+    lease = seed.wait_for_object(
+        "the Lease renewed by the operator after the outage",
+        lambda lease: lease["spec"].get("holderIdentity") == "auditwatch-test",
+        "lease",
+        "auditwatch",
+        "-n",
+        OPERATOR_NAMESPACE,
+    )
+    seed.kubectl(
+        "get", "secret", "mysecret", "-n", "seed", token=seed.token("seed", "unauthorized-user")
+    )
+    after = seed.wait_for(
+        f"{name} matching after the outage",
+        lambda: (status := state(seed, name)).get("matches", 0) > before and status,
+    )
+    assert after["state"] == "Firing"
+    renewed = seed.get("lease", "auditwatch", "-n", OPERATOR_NAMESPACE)["spec"]
+    assert renewed["holderIdentity"] == "auditwatch-test"
+    assert renewed["renewTime"] >= lease["spec"]["renewTime"]
+    assert seed.processes["operator"].poll() is None
+
+
+def test_run_locally_takes_its_namespace_from_the_kubeconfig_context(seed: Cluster) -> None:
+    """#11 item 5: without $AUDITWATCH_NAMESPACE the operator's namespace is the kubeconfig
+    context's (not `default`), so the stream finds its Secret and the alerts stay valid."""
+    offset = restart_operator(seed, namespace_from_context=True)
+    log = seed.operator_log.read_text()[offset:]
+    assert "operator namespace 'auditwatch' (from the kubeconfig's current context)" in log
+    assert state(seed, "seed-unauthorized")["state"] == "Firing"
+    assert "SecretNotFound" not in json.dumps(seed.get("auditstream", "kube-audit"))
+
+
+def test_an_idle_cluster_does_not_feed_on_the_operators_own_calls(seed: Cluster) -> None:
+    """#10 item 3: with no user activity, the operator's own calls (Lease renewals, status
+    patches) are not recorded, so they do not feed its stream's counts and so its status: after
+    the start has settled, the operator makes no recorded request and no AuditAlert is written.
+    (The apiserver's own requests still count, so the stream's eventsReceived may move.)"""
+    restart_operator(seed, "--secret-refresh", "3600")
+
+    def alert_versions() -> dict[str, str]:
+        listed = seed.get("auditalerts", "-A")["items"]
+        return {
+            f"{i['metadata']['namespace']}/{i['metadata']['name']}": i["metadata"][
+                "resourceVersion"
+            ]
+            for i in listed
+        }
+
+    time.sleep(5)  # the start's own writes done
+    settled, since = alert_versions(), len(seed.audit_events(OPERATOR_USER))
+    time.sleep(32)  # longer than the counts' write interval (30 s)
+    changed = {k: v for k, v in alert_versions().items() if settled.get(k) != v}
+    assert not changed, changed
+    recorded = [
+        (e["verb"], e.get("objectRef", {}).get("resource"))
+        for e in seed.audit_events(OPERATOR_USER)[since:]
+        if e["verb"] != "watch"
+    ]
+    assert not recorded, recorded

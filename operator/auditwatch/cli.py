@@ -289,7 +289,7 @@ def serve(
     "--namespace",
     "namespaces",
     multiple=True,
-    help="Watch AuditAlerts and Secrets of these only (default: all). The first is the "
+    help="Watch AuditAlerts of these only (default: all). The first is the "
     "operator's namespace (its Lease, the stream Secrets, Events about streams) unless "
     "$AUDITWATCH_NAMESPACE is set; without either, the kubeconfig's current context "
     "namespace, else the pod's service account namespace, else default.",
@@ -300,6 +300,14 @@ def serve(
 @EGRESS_DENY
 @TLS_CERT
 @TLS_KEY
+@click.option(
+    "--secret-refresh",
+    default=60.0,
+    type=click.FloatRange(min=1),
+    show_default=True,
+    help="Seconds between reads (GET by name) of the Secrets resources reference: a rotated, "
+    "deleted or created Secret takes effect within this. Secrets are never listed or watched.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def run(
     data: Path,
@@ -314,6 +322,7 @@ def run(
     egress_deny: tuple[str, ...],
     tls_cert: Path | None,
     tls_key: Path | None,
+    secret_refresh: float,
     log_level: str,
 ) -> None:
     """The operator: kopf reconciling AuditStreams/AuditAlerts, plus the receiver.
@@ -334,7 +343,7 @@ def run(
             namespaces=list(namespaces),
             decode_workers=decode_workers,
             receiver_options=receiver_options(header_timeout, body_timeout, status_token),
-            options=OperatorOptions(egress=egress),
+            options=OperatorOptions(egress=egress, secret_refresh=secret_refresh),
             tls=tls,
         )
     )

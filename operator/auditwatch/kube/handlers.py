@@ -2,8 +2,8 @@
 
 Create, update and resume of AuditStreams and AuditAlerts cache the resource and rebuild the
 configuration; deletion is noticed on the watch (no finalizer: deleting an alert never waits for
-the operator, and the operator lists everything afresh when it starts anyway). Secrets are only
-watched: the source keeps those some resource references. Namespaces are watched for their
+the operator, and the operator lists everything afresh when it starts anyway). Secrets are not
+watched at all (the source reads the referenced ones by name). Namespaces are watched for their
 labels, which may decide what a stream grants the alerts in them.
 """
 
@@ -25,14 +25,14 @@ RETRY_BACKOFF = 5.0
 """Seconds before kopf retries a handler that failed (an API error while reading a Secret)."""
 
 
-WATCH_HANDLERS = ("deleted", "secret")
+WATCH_HANDLERS = ("deleted",)
 """Handlers kopf runs for every watch event of their kind (not per change to reconcile)."""
 
 
 class QuietWatchHandlers(logging.Filter):
     """Drops kopf's "Handler 'deleted' succeeded." lines of the watch-event handlers: they run
-    for every watch event of every resource (and every Secret), so the lines say nothing and
-    flood the log. Their failures are still logged."""
+    for every watch event of every resource, so the lines say nothing and flood the log. Their
+    failures are still logged."""
 
     QUIET = frozenset(f"Handler {name!r} succeeded." for name in WATCH_HANDLERS)
 
@@ -68,7 +68,6 @@ class Handlers:
         kopf.on.login(registry=self.registry, id="login")(kopf.login_via_client)
         for plural in PLURALS.values():
             self._register(plural)
-        kopf.on.event("v1", "secrets", registry=self.registry, id="secret")(self.secret)
         kopf.on.event("v1", "namespaces", registry=self.registry, id="namespace")(self.namespace)
 
     def _register(self, plural: str) -> None:
@@ -98,9 +97,6 @@ class Handlers:
             kind, key = resource_key(body)
             self.calls[("delete", kind, key)] += 1
             await self.source.delete(body)
-
-    async def secret(self, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
-        await self.source.secret_event(str(event["type"]), body)
 
     async def namespace(self, event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
         await self.source.namespace_event(str(event["type"]), body)

@@ -117,6 +117,8 @@ class OperatorOptions:
     lease_renew_deadline: float = 10.0
     lease_retry_period: float = 2.0
     status_interval: float = 2.0
+    secret_refresh: float = 60.0
+    """Seconds between reads of the referenced Secrets (a rotation is used within this)."""
     identity: str = field(
         default_factory=lambda: (
             os.environ.get("AUDITWATCH_POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
@@ -158,7 +160,7 @@ async def run_operator(
     """Run until SIGTERM / SIGINT or `stop`. A leader that loses the Lease steps down (state
     saved, storage flushed) and waits for it again as a follower, forwarding ingest meanwhile.
 
-    `namespaces`: watch AuditAlerts (and Secrets) of these only; all when empty. `started`, if
+    `namespaces`: watch AuditAlerts of these only; all when empty. `started`, if
     given, gets the running parts once kopf is started (tests). With `tls`, the receiver
     serves HTTPS and follows the certificate files for rotation.
     """
@@ -316,6 +318,9 @@ async def _lead(
         tasks = [
             asyncio.create_task(engine.run(stop), name="engine"),
             asyncio.create_task(writer.run(stop), name="status writer"),
+            asyncio.create_task(
+                source.follow_secrets(stop, options.secret_refresh), name="secrets"
+            ),
         ]
         if options.leader_election:
             tasks.append(asyncio.create_task(election.keep(stop), name="leader lease"))

@@ -1,14 +1,15 @@
 """The Kubernetes configuration source: cached resource dicts -> the engine's configuration.
 
 kopf (or a test) hands this cache every AuditStream / AuditAlert as it is created, changed or
-deleted, and every change of a Secret. After each change the whole configuration is built again
+deleted. After each change the whole configuration is built again
 with `config.build`, exactly as standalone mode builds it from files, and handed to `apply`; a
 resource whose body and Secrets did not change is not rebuilt (its spec is memoised), so a
 rebuild costs little even with many alerts.
 
-Secrets are not mirrored wholesale (a cluster's Secrets can be large and are none of auditwatch's
-business): building a resource records which Secrets it looks up, those are fetched once, and
-from then on only watch events of Secrets somebody references are kept.
+Secrets are never listed or watched (that would read every Secret of the cluster, and needs RBAC
+to match): building a resource records which Secrets it looks up, those are read by name (GET),
+and `follow_secrets` reads the referenced ones again every so often to notice a rotation, a
+deletion or a creation. docs/operator.md says why this and not a watch per Secret.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from auditwatch.config.build import (
 )
 from auditwatch.config.model import AlertSpec, ConfigError, InvalidAlert, StreamSpec
 from auditwatch.config.schema import KINDS
+from auditwatch.kube.aio import pause
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +153,7 @@ class ResourceCache:
         self._secrets: dict[SecretKey, dict[str, str] | None] = {}
         """Fetched Secrets' values; None = known not to exist (kept, so its creation is seen)."""
         self._built: dict[tuple[str, str], _Built] = {}
-        self._referenced: frozenset[SecretKey] = frozenset()
+        self.referenced: frozenset[SecretKey] = frozenset()
         """The Secrets the last `build` looked up."""
         self.observed: dict[tuple[str, str], Observed] = {}
         """Each resource's uid and status as last received, for the status writer."""
@@ -200,7 +202,7 @@ class ResourceCache:
         resources that read it are built again on the next `build`.
         """
         secret_key = (namespace, name)
-        if secret_key not in self._referenced:
+        if secret_key not in self.referenced:
             return False
         values = None if secret is None else secret_values(secret)
         if secret_key in self._secrets and self._secrets[secret_key] == values:
@@ -242,9 +244,9 @@ class ResourceCache:
                 invalid_streams[key] = built.error
             elif built.error is not None:
                 invalid_alerts[key] = invalid_alert(body, built.error)
-        self._referenced = frozenset().union(*(built.secrets for built in self._built.values()))
+        self.referenced = frozenset().union(*(built.secrets for built in self._built.values()))
         self._secrets = {
-            key: value for key, value in self._secrets.items() if key in self._referenced
+            key: value for key, value in self._secrets.items() if key in self.referenced
         }
         return KubeConfig(
             streams,
@@ -321,17 +323,27 @@ class KubeSource:
                 return await self._refresh()
             return self.config
 
-    async def secret_event(self, event_type: str, secret: Mapping[str, Any]) -> None:
-        """A watch event of a Secret; resources reading it are rebuilt and applied."""
-        metadata = secret.get("metadata") or {}
-        namespace, name = metadata.get("namespace"), metadata.get("name")
-        if not isinstance(namespace, str) or not isinstance(name, str):
-            return
-        async with self._lock:
-            content = None if event_type == "DELETED" else secret
-            if self.cache.set_secret(namespace, name, content):
-                logger.info("Secret %s/%s changed: rebuilding what reads it", namespace, name)
-                await self._refresh()
+    async def reread_secrets(self) -> int:
+        """Read every referenced Secret again (by name); resources reading one that changed
+        (rotated, deleted, created) are rebuilt and applied. The number that changed."""
+        changed = 0
+        for namespace, name in sorted(self.cache.referenced):
+            try:
+                secret = await self._fetch_secret(namespace, name)
+            except Exception as error:  # the apiserver is away: keep what is known, retry later
+                logger.warning("Secret %s/%s not read again: %s", namespace, name, error)
+                continue
+            async with self._lock:
+                if self.cache.set_secret(namespace, name, secret):
+                    logger.info("Secret %s/%s changed: rebuilding what reads it", namespace, name)
+                    changed += 1
+                    await self._refresh()
+        return changed
+
+    async def follow_secrets(self, stop: asyncio.Event, interval: float) -> None:
+        """`reread_secrets` every `interval` seconds until `stop`."""
+        while not await pause(stop, interval):
+            await self.reread_secrets()
 
     async def namespace_event(self, event_type: str, namespace: Mapping[str, Any]) -> None:
         """A watch event of a Namespace: its labels may change which alerts a stream admits."""
