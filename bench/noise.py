@@ -20,7 +20,7 @@ operator installed from manifests/ and running as its own ServiceAccount):
    Firing Events), final state, and by whom (the stored events of the window that the
    detection's rule matches, by user). Exit status 1 if any medium-or-higher detection fired
    (`--report-only`: always 0 unless the benchmark itself failed);
-4. with `--attacks`, afterwards: the attacks of `ATTACKS`, done for real against the apiserver
+4. with `--attacks`, afterwards: the attacks of `attacks()`, done for real against the apiserver
    by people and ServiceAccounts with the rights an attacker would have gained, and a check that
    every detection of the library matched at least once and is Firing (exit 1 if not).
 """
@@ -126,7 +126,7 @@ class Api:
                 )
                 answer = connection.getresponse()
                 if connection.sock is not None:
-                    sockets.append(connection.sock)
+                    sockets.append(connection.sock)  # `Simulation.finish` shuts it down
                 while not stop.is_set() and answer.readline():
                     pass
             except (OSError, http.client.HTTPException, ValueError):
@@ -440,12 +440,16 @@ class Simulation:
             self.cluster.kubectl("get", "pods", "-n", namespace, token=token, check=False)
 
     def finish(self) -> None:
+        """Stop every thread: watches end when their socket is shut down (again, for a watch
+        that opened while stopping)."""
         self.stop.set()
-        for sock in self.sockets:
-            with suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 30
         for thread in self.threads:
-            thread.join(timeout=30)
+            while thread.is_alive() and time.monotonic() < deadline:
+                for sock in list(self.sockets):
+                    with suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                thread.join(timeout=0.5)
 
 
 @dataclass
