@@ -572,7 +572,7 @@ def report(
     return Report(since, until, stored, alerts, errors)
 
 
-def settle(cluster: Cluster) -> None:
+def settle() -> None:
     """Wait for the apiserver's audit batches (1 s) and the operator's status writes."""
     time.sleep(6)
 
@@ -580,7 +580,7 @@ def settle(cluster: Cluster) -> None:
 def run_benign(cluster: Cluster, seconds: float) -> Report:
     """Install, then `seconds` of steady state; the report of what the library did."""
     install(cluster)
-    settle(cluster)
+    settle()
     before = library_alerts(cluster)
     since = datetime.now(UTC)
     simulation = Simulation(cluster)
@@ -588,13 +588,13 @@ def run_benign(cluster: Cluster, seconds: float) -> Report:
     time.sleep(seconds)
     simulation.finish()
     until = datetime.now(UTC)
-    settle(cluster)
+    settle()
     return report(cluster, before, since, until, simulation.errors)
 
 
 # -- attacks -----------------------------------------------------------------------------------
 
-PRIVILEGED_POD = """
+POD_TEMPLATE = """
 apiVersion: v1
 kind: Pod
 metadata: {name: NAME, namespace: shop}
@@ -611,7 +611,7 @@ spec:
 
 def pod(name: str, spec_field: str = "", security: str = "", volumes: str = "") -> str:
     return (
-        PRIVILEGED_POD.replace("NAME", name)
+        POD_TEMPLATE.replace("NAME", name)
         .replace("SPEC_FIELD", spec_field)
         .replace("SECURITY", security)
         .replace("VOLUMES", volumes)
@@ -813,7 +813,7 @@ def run_attacks(cluster: Cluster) -> AttackReport:
     for what, action in attacks(cluster):
         print(f"attack: {what}", file=sys.stderr)
         action()
-    settle(cluster)
+    settle()
     after = library_alerts(cluster)
     rows, missed = [], []
     for name, resource in sorted(after.items()):
