@@ -7,10 +7,13 @@ webhook kubeconfig made from examples/cluster/apiserver-webhook-kubeconfig.yaml)
 `manifests/` and `examples/cluster/` with kubectl, and starts the operator as the `auditwatch`
 ServiceAccount of manifests/rbac.yaml (a TokenRequest token in a kubeconfig), so RBAC gaps show.
 The apiserver also writes its audit events to `audit.log` (`Cluster.audit_events`), a record
-of what the operator did that does not depend on the operator. Binaries:
-$AUDITWATCH_KUBE_APISERVER (built by ../shared/tools/kube-apiserver/build.sh), etcd and kubectl
-on PATH. Tests use `Cluster.kubectl`, `Cluster.wait_for`, `Cluster.restart_apiserver`
-and `Cluster.operator_log`.
+of what the operator did that does not depend on the operator.
+With `controllers=True` it also runs kube-controller-manager (each controller as its own
+ServiceAccount) and kube-scheduler, so the audit trail carries real control-plane traffic;
+`users` adds people to the token file (`Cluster.user_tokens`).
+Binaries: $AUDITWATCH_KUBE_APISERVER (built by ../shared/tools/kube-apiserver/build.sh; the
+controllers are beside it), etcd and kubectl on PATH. Tests use `Cluster.kubectl`,
+`Cluster.wait_for`, `Cluster.restart_apiserver` and `Cluster.operator_log`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,6 +45,12 @@ APISERVER_VARIABLE = "AUDITWATCH_KUBE_APISERVER"
 ADMIN_TOKEN = "admin-token"
 OPERATOR_NAMESPACE = "auditwatch"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:auditwatch"
+CONTROLLERS = ("kube-controller-manager", "kube-scheduler")
+CONTROLLER_TOKENS = {
+    "kube-controller-manager": ("cm-token", "system:kube-controller-manager"),
+    "kube-scheduler": ("sched-token", "system:kube-scheduler"),
+}
+"""Token-file identities of the controllers, as the apiserver's default RBAC names them."""
 STREAM_TOKEN = "change-me-kube-audit"
 """The kube-audit stream's token, as examples/cluster/kube-audit-stream.yaml sets it."""
 T = TypeVar("T")
@@ -58,6 +67,27 @@ def missing_tools() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not on PATH"
     return None
+
+
+def missing_controllers() -> str | None:
+    """Why kube-controller-manager and kube-scheduler cannot run here (None: they can)."""
+    missing = missing_tools()
+    if missing is not None:
+        return missing
+    for name in CONTROLLERS:
+        binary = Path(os.environ[APISERVER_VARIABLE]).parent / name
+        if not os.access(binary, os.X_OK):
+            return f"{binary} is not an executable (../shared/tools/kube-apiserver/build.sh)"
+    return None
+
+
+@dataclass(frozen=True)
+class User:
+    """A person in the apiserver's token file."""
+
+    name: str
+    token: str
+    groups: tuple[str, ...] = ()
 
 
 def kubeconfig(server: str, ca_pem: bytes, token: str) -> dict[str, Any]:
@@ -96,6 +126,8 @@ class Cluster:
     receiver_url: str
     operator_log: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    user_tokens: dict[str, str] = field(default_factory=dict)
+    """Token of each `User` given to `start`, by name."""
 
     # -- kubectl -----------------------------------------------------------------------------
 
@@ -260,8 +292,42 @@ class Cluster:
             env,
         )
 
+    def start_controllers(self) -> None:
+        """kube-controller-manager and kube-scheduler with the flags of the build README:
+        every controller as its own ServiceAccount, no leader election."""
+        binaries = Path(os.environ[APISERVER_VARIABLE]).parent
+        for name in CONTROLLERS:
+            token = CONTROLLER_TOKENS[name][0]
+            _write_yaml(
+                self.root / f"{name}.kubeconfig", kubeconfig(self.server, self.ca.pem, token)
+            )
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(binaries / "kube-controller-manager"),
+                f"--kubeconfig={self.root / 'kube-controller-manager.kubeconfig'}",
+                "--port=0",
+                "--secure-port=0",
+                f"--service-account-private-key-file={self.root / 'sa.key'}",
+                f"--root-ca-file={self.root / 'ca.crt'}",
+                "--use-service-account-credentials=true",
+                "--leader-elect=false",
+                "--controllers=*,-csrsigning",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(binaries / "kube-scheduler"),
+                f"--kubeconfig={self.root / 'kube-scheduler.kubeconfig'}",
+                "--port=0",
+                "--secure-port=0",
+                "--leader-elect=false",
+            ],
+        )
+
     def stop(self) -> None:
-        for name in ("operator", "kube-apiserver", "etcd"):
+        for name in ("operator", *CONTROLLERS, "kube-apiserver", "etcd"):
             self.stop_process(name)
 
 
@@ -302,9 +368,11 @@ def webhook_kubeconfig(receiver_url: str, ca_pem: bytes) -> dict[str, Any]:
     return config
 
 
-def start(root: Path) -> Cluster:
-    """The control plane with manifests/ and examples/cluster/ applied, and the operator."""
+def start(root: Path, *, controllers: bool = False, users: Sequence[User] = ()) -> Cluster:
+    """The control plane with manifests/ and examples/cluster/ applied, and the operator; with
+    `controllers`, kube-controller-manager and kube-scheduler too (see the module docstring)."""
     ca = CA("auditwatch e2e CA")
+    (root / "ca.crt").write_bytes(ca.pem)
     ca.issue("kube-apiserver").write(root, "apiserver")
     ca.issue("auditwatch").write(root, "receiver")
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -320,7 +388,14 @@ def start(root: Path) -> Cluster:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    (root / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,1,"system:masters"\n')
+    lines = [f'{ADMIN_TOKEN},admin,1,"system:masters"']
+    if controllers:
+        lines += [f"{token},{name},{name}" for token, name in CONTROLLER_TOKENS.values()]
+    lines += [
+        ",".join([u.token, u.name, u.name, f'"{",".join(u.groups)}"'][: 4 if u.groups else 3])
+        for u in users
+    ]
+    (root / "tokens.csv").write_text("\n".join(lines) + "\n")
     port, etcd_port, peer_port, receiver_port = (free_port() for _ in range(4))
     receiver_url = f"https://127.0.0.1:{receiver_port}"
     webhook = _write_yaml(root / "webhook.kubeconfig", webhook_kubeconfig(receiver_url, ca.pem))
@@ -336,6 +411,7 @@ def start(root: Path) -> Cluster:
         ),
         receiver_url=receiver_url,
         operator_log=root / "operator.log",
+        user_tokens={u.name: u.token for u in users},
     )
     try:
         cluster._spawn(
@@ -357,6 +433,8 @@ def start(root: Path) -> Cluster:
             ],
         )
         cluster.start_apiserver()
+        if controllers:
+            cluster.start_controllers()
         cluster.kubectl("apply", "-k", str(REPO / "manifests"))
         cluster.kubectl(
             "wait",

@@ -1,0 +1,71 @@
+"""The noise benchmark's scenario (bench/noise.py), short, on the real control plane with
+kube-controller-manager and kube-scheduler (tests/realcluster.py): the add-ons and people make
+their calls, the shipped detections stay quiet on them, and every detection still fires on
+its attack. One control plane for the module; the benchmark itself runs longer.
+
+Skips without the binaries ("needs a real cluster: ..."), which fails under CI
+(AUDITWATCH_REQUIRE_TOOLS=1, tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+from bench.noise import ADDONS, ATTACKER, PEOPLE, STREAM, Report, run_attacks, run_benign
+from tests.realcluster import Cluster, missing_controllers, start
+
+from auditwatch.store import query
+
+pytestmark = pytest.mark.skipif(
+    missing_controllers() is not None, reason=f"needs a real cluster: {missing_controllers()}"
+)
+
+STEADY_SECONDS = 30
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    running = start(tmp_path_factory.mktemp("noise"), controllers=True, users=[*PEOPLE, ATTACKER])
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def benign(cluster: Cluster) -> Report:
+    return run_benign(cluster, STEADY_SECONDS)
+
+
+def test_the_steady_state_carries_every_addon_person_and_controller(
+    cluster: Cluster, benign: Report
+) -> None:
+    assert benign.errors == []
+    users = Counter(
+        str(e.get("user", {}).get("username"))
+        for e in query(cluster.root / "data", STREAM, since=benign.since, until=benign.until)
+    )
+    for addon in ADDONS:
+        assert users[f"system:serviceaccount:{addon.namespace}:{addon.service_account}"] > 0
+    for person in PEOPLE:
+        assert users[person.name] > 0
+    # kube-controller-manager acts as each controller's own ServiceAccount
+    assert users["system:serviceaccount:kube-system:replicaset-controller"] > 0
+    assert users["system:serviceaccount:kube-system:deployment-controller"] > 0
+    # what the benchmark reports: each team's new Deployment, by whom, in the info detection
+    deployments = benign.alert("k8s-deployment-created-deleted")
+    assert deployments.principals == Counter({p.name: 1 for p in PEOPLE})
+    assert deployments.matches == 2
+    assert deployments.fired
+    assert "k8s-deployment-created-deleted" in benign.table()
+
+
+def test_no_medium_or_higher_detection_fires_on_the_benign_steady_state(benign: Report) -> None:
+    assert [a.name for a in benign.notable] == [], benign.table()
+
+
+def test_every_detection_fires_on_its_attack(cluster: Cluster, benign: Report) -> None:
+    attacks = run_attacks(cluster)
+    assert attacks.missed == [], attacks.table
