@@ -351,6 +351,9 @@ def _apiserver_args(root: Path, etcd: str, port: int, webhook: Path) -> list[str
         f"--audit-log-path={root / 'audit.log'}",
         "--audit-webhook-batch-max-wait=1s",
         "--audit-webhook-initial-backoff=1s",
+        # exec and attach reach a node's kubelet (tests/fake_kubelet.py) over verified TLS
+        f"--kubelet-certificate-authority={root / 'ca.crt'}",
+        "--kubelet-preferred-address-types=InternalIP",
         "--enable-admission-plugins=ServiceAccount",
         "--disable-admission-plugins=StorageObjectInUseProtection",
     ]
@@ -375,6 +378,7 @@ def start(root: Path, *, controllers: bool = False, users: Sequence[User] = ()) 
     (root / "ca.crt").write_bytes(ca.pem)
     ca.issue("kube-apiserver").write(root, "apiserver")
     ca.issue("auditwatch").write(root, "receiver")
+    ca.issue("kubelet").write(root, "kubelet")
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (root / "sa.key").write_bytes(
         sa_key.private_bytes(

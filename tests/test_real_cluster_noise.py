@@ -69,3 +69,6 @@ def test_no_medium_or_higher_detection_fires_on_the_benign_steady_state(benign: 
 def test_every_detection_fires_on_its_attack(cluster: Cluster, benign: Report) -> None:
     attacks = run_attacks(cluster)
     assert attacks.missed == [], attacks.table
+    # kubectl exec and attach, each one session through the apiserver: counted once each,
+    # though the apiserver writes ResponseStarted and ResponseComplete for both.
+    assert attacks.new_matches["k8s-pod-exec-attach"] == 2, attacks.table
