@@ -264,6 +264,32 @@ def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
     )
 
 
+def test_a_misspelt_target_field_is_named_whichever_way_it_is_applied(cluster: Cluster) -> None:
+    """kubectl's validation names the field; applied without it (as a GitOps tool may), the
+    apiserver prunes the unknown field and the alert says which target lacks what, not the
+    apiserver's `<nil>: ... must validate one and only one schema (oneOf)`."""
+    typo = alert("typo", 'verb = "get" and objectRef.name = "no-such-object"') + (
+        "  targets: [{type: webhook, endpont: 'https://hooks.example.test/x'}]\n"
+    )
+    refused = cluster.kubectl("apply", "-f", "-", input=typo, check=False)
+    assert refused.returncode != 0
+    assert 'unknown field "endpont"' in refused.stderr
+    cluster.kubectl("apply", "--validate=false", "-f", "-", input=typo)
+    invalid = cluster.wait_for_object(
+        "typo Invalid",
+        lambda a: a.get("status", {}).get("state") == "Invalid",
+        "auditalert",
+        "typo",
+        "-n",
+        "seed",
+    )
+    condition = ready(invalid)
+    assert condition["reason"] == "InvalidSpec"
+    assert "spec.targets[0]: set one of endpoint, endpointSecretRef" in condition["message"]
+    assert "<nil>" not in condition["message"]
+    cluster.kubectl("delete", "auditalert", "typo", "-n", "seed")
+
+
 def test_the_operator_ran_without_permission_errors(seed: Cluster) -> None:
     log = seed.operator_log.read_text()
     assert "forbidden" not in log.lower(), log[-3000:]

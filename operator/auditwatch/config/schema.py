@@ -128,33 +128,56 @@ def openapi_schema(kind: str) -> dict[str, Any]:
     raise ValueError(f"the CRD of {kind} has no version {VERSION}")
 
 
-def _json_schema(node: Any) -> Any:
-    """An OpenAPI (structural) schema as Draft 7 JSON Schema.
+EXACTLY_ONE_OF = {
+    "AuditStream": {("spec", "auth"): ("basic", "bearer", "clientCertificate", "oidc")},
+    "AuditAlert": {
+        ("spec", "targets", "[]"): ("endpoint", "endpointSecretRef"),
+        ("spec", "exceptions", "{}"): ("fields", "trustList"),
+    },
+}
+"""Objects that need exactly one of some fields, by path ("[]" an item, "{}" a map's value).
+
+Not in the CRDs: a CRD's oneOf makes the apiserver (1.20 at least) answer a typo with
+`<nil>: Invalid value: "": "spec.targets" must validate one and only one schema (oneOf)`.
+Here they make `path: set one of a, b` lines; the operator shows them as the resource's
+InvalidSpec condition, and `kubectl apply` names a misspelt field itself."""
+
+
+def _json_schema(node: Any, one_of: Mapping[tuple[str, ...], tuple[str, ...]]) -> Any:
+    """An OpenAPI (structural) schema as Draft 7 JSON Schema, with `one_of` (see
+    EXACTLY_ONE_OF) added where its paths point.
 
     Structural schemas prune unknown fields silently; here they are errors instead (what
     `kubectl apply --validate=strict` does), so typos like `skipTLSCheck` are caught.
     """
-    if isinstance(node, list):
-        return [_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    result = {
-        key: _json_schema(value)
-        for key, value in node.items()
-        if not key.startswith("x-kubernetes-")
-    }
-    if (
-        "properties" in node
-        and "additionalProperties" not in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        result["additionalProperties"] = False
-    return result
+
+    def convert(node: Any, path: tuple[str, ...]) -> Any:
+        if not isinstance(node, dict):
+            return node
+        result: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "properties":
+                result[key] = {name: convert(child, (*path, name)) for name, child in value.items()}
+            elif key in ("items", "additionalProperties"):
+                result[key] = convert(value, (*path, "[]" if key == "items" else "{}"))
+            elif not key.startswith("x-kubernetes-"):
+                result[key] = value
+        if (
+            "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            result["additionalProperties"] = False
+        if path in one_of:
+            result["oneOf"] = [{"required": [name]} for name in one_of[path]]
+        return result
+
+    return convert(node, ())
 
 
 @functools.cache
 def _validator(kind: str) -> jsonschema.Draft7Validator:
-    return jsonschema.Draft7Validator(_json_schema(openapi_schema(kind)))
+    return jsonschema.Draft7Validator(_json_schema(openapi_schema(kind), EXACTLY_ONE_OF[kind]))
 
 
 def field_path(segments: Any) -> str:
