@@ -128,7 +128,7 @@ def openapi_schema(kind: str) -> dict[str, Any]:
     raise ValueError(f"the CRD of {kind} has no version {VERSION}")
 
 
-EXACTLY_ONE_OF = {
+EXACTLY_ONE_OF: dict[str, dict[tuple[str, ...], tuple[str, ...]]] = {
     "AuditStream": {("spec", "auth"): ("basic", "bearer", "clientCertificate", "oidc")},
     "AuditAlert": {
         ("spec", "targets", "[]"): ("endpoint", "endpointSecretRef"),
