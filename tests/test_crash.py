@@ -91,6 +91,9 @@ def server(tmp_path: Path) -> Iterator[Server]:
     grouped = alert_doc("gets-per-user", "crash", 'verb = "get"', None)
     grouped["spec"]["threshold"] = {"count": 50, "window": "1m", "groupBy": ["user.username"]}
     write_yaml(resources / "grouped.yaml", grouped)
+    excepting = alert_doc("reads-but-lists", "crash", 'verb in ("get", "list")', None)
+    excepting["spec"]["exceptions"] = {"lists": {"fields": ["verb"], "values": [["list"]]}}
+    write_yaml(resources / "excepting.yaml", excepting)
     running = Server(resources, tmp_path / "data", free_port(), tmp_path / "server.log")
     yield running
     if running.process is not None:
@@ -182,14 +185,19 @@ KILLS = 20
 
 
 async def alert_matches(session: aiohttp.ClientSession, server: Server) -> int:
-    """The matches of both alerts on `verb = "get"`, the grouped one's and the plain one's:
-    equal, as both count every matching event stored."""
+    """The matches of the alerts on `verb = "get"`: the plain one's, the grouped one's and
+    those of the one excepting lists: equal, as each counts every matching event stored. The
+    excepting one's excepted count equals the lists stored."""
     async with session.get(server.url + "/api/v1/status") as response:
         status = await response.json()
-    plain, grouped = (
-        int(status["alerts"][key]["matches"]) for key in ("default/gets", "default/gets-per-user")
+    alerts = status["alerts"]
+    plain, grouped, excepting = (
+        int(alerts[key]["matches"])
+        for key in ("default/gets", "default/gets-per-user", "default/reads-but-lists")
     )
-    assert grouped == plain
+    assert grouped == plain and excepting == plain
+    lists = sum(event["verb"] == "list" for event in stored(server.data, "crash"))
+    assert int(alerts["default/reads-but-lists"]["excepted"]) == lists
     return plain
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -65,6 +65,13 @@ class _LiveAlert:
     tracker: Tracker
 
 
+class _StagedCount(NamedTuple):
+    """An alert's matches and excepted events among the events of one staging segment."""
+
+    matches: int
+    excepted: int
+
+
 @dataclass(frozen=True)
 class _Matched:
     """What one request's events did to one alert."""
@@ -74,13 +81,21 @@ class _Matched:
     latest: dict[str, Any] | None
     """The last matching event (None when all were excepted)."""
     segment: str | None
-    """The staging segment holding the events (see `Engine._staged_matches`)."""
+    """The staging segment holding the events (see `Engine._staged`)."""
     excepted: int = 0
     """Events the rule matched that the alert's exceptions excepted."""
     groups: GroupedRows | None = None
     """With a threshold: the matches by group; `event` reads the rows they name (each
     parsed once: the last row is already, by the time the tracker reads it)."""
     event: Callable[[int], dict[str, Any]] | None = None
+
+
+def _saved_sum(saved: Mapping[str, Any], name: str, stems: set[str]) -> int:
+    """The sum of a saved per-segment count (`stagedMatches`, `stagedExcepted`) over `stems`."""
+    counts = saved.get(name)
+    if not isinstance(counts, dict):
+        return 0
+    return sum(int(n) for stem, n in counts.items() if stem in stems)
 
 
 def _stream_plan(alerts: Sequence[_LiveAlert]) -> StreamPlan:
@@ -133,11 +148,12 @@ class Engine:
         self._deliveries: set[asyncio.Task[None]] = set()
         self._wakeup: asyncio.Event | None = None
         self._last_retention = datetime.min.replace(tzinfo=UTC)
-        self._staged_matches: dict[str, dict[str, int]] = {}
-        """Per alert, its matches among the events of each staging segment not yet converted
-        to Parquet. Saved with the state: after a crash, the segments still staged are
-        recounted (`_recount_staged`) and replace these, so `matches` equals the matching
-        events stored however many were acknowledged, re-sent or lost with the process."""
+        self._staged: dict[str, dict[str, _StagedCount]] = {}
+        """Per alert, its matches and excepted events among the events of each staging segment
+        not yet converted to Parquet. Saved with the state: after a crash, the segments still
+        staged are recounted (`_recount_staged`) and replace these, so `matches` and `excepted`
+        equal the events stored however many were acknowledged, re-sent or lost with the
+        process."""
         self._ingests: set[asyncio.Future[None]] = set()
         """Ingests in progress: a segment is converted only once those that may have written
         to it have counted their matches and the counts were saved."""
@@ -227,36 +243,39 @@ class Engine:
         self._wake()
 
     def _recount_staged(self, live: Mapping[str, _LiveAlert]) -> None:
-        """After a restart: each restored alert's matches in the segments still staged, counted
-        from the events, replace the counts saved for them (events stored but not counted
-        before a crash, counted but not saved, or acknowledged late and re-sent as duplicates).
-        Each stream's restored alerts are counted together, in one plan, as at ingest."""
+        """After a restart: each restored alert's matches and excepted events in the segments
+        still staged, counted from the events, replace the counts saved for them (events stored
+        but not counted before a crash, counted but not saved, or acknowledged late and re-sent
+        as duplicates). Each stream's restored alerts are counted together, in one plan, as at
+        ingest."""
         restored: dict[str, list[_LiveAlert]] = {}
         for key, alert in live.items():
             saved = self._saved.get(key)
             if saved is not None and continues(alert.spec, saved):
                 restored.setdefault(alert.spec.stream, []).append(alert)
         for stream, alerts in restored.items():
-            counts: dict[str, dict[str, int]] = {alert.spec.key: {} for alert in alerts}
+            counts: dict[str, dict[str, _StagedCount]] = {alert.spec.key: {} for alert in alerts}
             plan = _stream_plan(alerts)
             stems: set[str] = set()
             for stem, table in self.store.staged(stream):
                 stems.add(stem)
                 for result in plan.evaluate(from_table(table)):
-                    if result.error is None and len(result.rows):
-                        counts[result.key][stem] = len(result.rows)
+                    if result.error is None and (len(result.rows) or result.excepted):
+                        counts[result.key][stem] = _StagedCount(len(result.rows), result.excepted)
             for alert in alerts:
-                key = alert.spec.key
-                saved_counts = self._saved[key].get("stagedMatches")
-                before = saved_counts if isinstance(saved_counts, dict) else {}
-                delta = sum(counts[key].values()) - sum(
-                    int(n) for stem, n in before.items() if stem in stems
-                )
+                key, saved = alert.spec.key, self._saved[alert.spec.key]
+                matches = sum(c.matches for c in counts[key].values())
+                delta = matches - _saved_sum(saved, "stagedMatches", stems)
                 if delta:
                     logger.info("alert %s: %+d matches recounted from the staging log", key, delta)
                     alert.tracker.total += delta
                     self._dirty = True
-                self._staged_matches[key] = counts[key]
+                if "stagedExcepted" in saved:  # a state saved before they were kept: as saved
+                    excepted = sum(c.excepted for c in counts[key].values())
+                    delta = excepted - _saved_sum(saved, "stagedExcepted", stems)
+                    alert.tracker.excepted += delta
+                    self._dirty = self._dirty or bool(delta)
+                self._staged[key] = counts[key]
 
     def _live_alert(self, key: str, spec: AlertSpec) -> _LiveAlert:
         current = self._alerts.get(key)
@@ -327,10 +346,13 @@ class Engine:
             if self._alerts.get(key) is not match.alert:  # deleted meanwhile
                 continue
             match.alert.tracker.excepted += match.excepted
+            if match.segment is not None:
+                per_segment = self._staged.setdefault(key, {})
+                before = per_segment.get(match.segment, _StagedCount(0, 0))
+                per_segment[match.segment] = _StagedCount(
+                    before.matches + match.count, before.excepted + match.excepted
+                )
             if match.latest is not None:
-                if match.segment is not None:
-                    per_segment = self._staged_matches.setdefault(key, {})
-                    per_segment[match.segment] = per_segment.get(match.segment, 0) + match.count
                 notices = self._observe(match, now)
                 self._deliver(match.alert.spec, notices)
                 notified = notified or bool(notices)
@@ -466,7 +488,7 @@ class Engine:
             await asyncio.to_thread(self.store.flush, now, segments=sealed)
         finally:
             converted = sealed - self.store.staged_segments()
-            for counts in self._staged_matches.values():
+            for counts in self._staged.values():
                 for stem in converted & counts.keys():
                     del counts[stem]
                     self._dirty = True
@@ -554,13 +576,17 @@ class Engine:
         self._write_state(self._state_snapshot())
 
     def _state_snapshot(self) -> dict[str, dict[str, Any]]:
-        """Every tracker's snapshot and its matches per staged segment (in the event loop's
+        """Every tracker's snapshot and its counts per staged segment (in the event loop's
         thread: ingests change both)."""
         self._saved.update(
             {
                 key: alert.tracker.snapshot()
-                | {"stagedMatches": dict(self._staged_matches.get(key, {}))}
+                | {
+                    "stagedMatches": {stem: c.matches for stem, c in staged.items()},
+                    "stagedExcepted": {stem: c.excepted for stem, c in staged.items()},
+                }
                 for key, alert in self._alerts.items()
+                for staged in [self._staged.get(key, {})]
             }
         )
         return dict(self._saved)
