@@ -54,6 +54,18 @@ def ready(obj: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def seed_alert_in_state(cluster: Cluster, name: str, state: str) -> dict[str, Any]:
+    """AuditAlert `name` of namespace seed, once its status.state is `state`."""
+    return cluster.wait_for_object(
+        f"{name} {state}",
+        lambda a: a.get("status", {}).get("state") == state,
+        "auditalert",
+        name,
+        "-n",
+        "seed",
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running = start(tmp_path_factory.mktemp("cluster"))
@@ -223,14 +235,7 @@ def test_the_leader_lease_is_held_and_renewed(cluster: Cluster) -> None:
 
 def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
     cluster.apply(alert("broken", 'verb = "get" and and'))
-    broken = cluster.wait_for_object(
-        "broken Invalid",
-        lambda a: a.get("status", {}).get("state") == "Invalid",
-        "auditalert",
-        "broken",
-        "-n",
-        "seed",
-    )
+    broken = seed_alert_in_state(cluster, "broken", "Invalid")
     condition = ready(broken)
     assert condition["status"] == "False"
     assert condition["reason"] == "InvalidRule"
@@ -247,14 +252,7 @@ def test_an_invalid_alert_says_where_and_recovers(cluster: Cluster) -> None:
     # A fixed rule no request of the suite matches: `verb = "get"` alone would match the
     # suite's own kubectl calls, and the alert could be Firing before its first status write.
     cluster.apply(alert("broken", 'verb = "get" and objectRef.name = "no-such-object"'))
-    fixed = cluster.wait_for_object(
-        "broken Listening again",
-        lambda a: a.get("status", {}).get("state") == "Listening",
-        "auditalert",
-        "broken",
-        "-n",
-        "seed",
-    )
+    fixed = seed_alert_in_state(cluster, "broken", "Listening")
     assert ready(fixed)["status"] == "True"
     cluster.wait_for(
         "a Valid Event",
@@ -275,14 +273,7 @@ def test_a_misspelt_target_field_is_named_whichever_way_it_is_applied(cluster: C
     assert refused.returncode != 0
     assert 'unknown field "endpont"' in refused.stderr
     cluster.kubectl("apply", "--validate=false", "-f", "-", input=typo)
-    invalid = cluster.wait_for_object(
-        "typo Invalid",
-        lambda a: a.get("status", {}).get("state") == "Invalid",
-        "auditalert",
-        "typo",
-        "-n",
-        "seed",
-    )
+    invalid = seed_alert_in_state(cluster, "typo", "Invalid")
     condition = ready(invalid)
     assert condition["reason"] == "InvalidSpec"
     assert "spec.targets[0]: set one of endpoint, endpointSecretRef" in condition["message"]
