@@ -621,6 +621,16 @@ def pod(name: str, spec_field: str = "", security: str = "", volumes: str = "") 
     )
 
 
+EXEC_CREATE_ONLY_ROLE = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: exec-create, namespace: shop}
+rules:
+  - {apiGroups: [""], resources: [pods], verbs: [get]}
+  - {apiGroups: [""], resources: [pods/exec], verbs: [create]}
+"""
+
+
 def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
     """Each attack the library is meant to catch, as a real call against the apiserver: who
     does it (the attacker `mallory`, a compromised ServiceAccount, anonymous, or the admin for
@@ -649,6 +659,26 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         token = cluster.token("payments", "default")
         for resource in ("secrets", "pods", "roles", "deployments", "configmaps", "nodes"):
             cluster.kubectl("get", resource, "-n", "kube-system", token=token, check=False)
+
+    def exec_allowed_create_only() -> None:
+        """A compromised ServiceAccount whose Role grants `create` on pods/exec, as older
+        guides write it: kubectl >= 1.30's WebSocket `get` is refused (403), and it opens the
+        session again with an SPDY `create` (101)."""
+        admin("create", "serviceaccount", "web-ops", "-n", "shop")
+        cluster.apply(EXEC_CREATE_ONLY_ROLE)
+        admin(
+            "create",
+            "rolebinding",
+            "exec-create",
+            "-n",
+            "shop",
+            "--role=exec-create",
+            "--serviceaccount=shop:web-ops",
+        )
+        token = cluster.token("shop", "web-ops")
+        cluster.kubectl(
+            "exec", "-n", "shop", NODE_POD, "--", "cat", "/etc/passwd", token=token, check=False
+        )
 
     def port_forward() -> None:
         """kubectl port-forward gives up on a pod that is not running (no kubelet here), so
@@ -688,10 +718,7 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         ("a compromised ServiceAccount reads a Secret", compromised_sa_reads_secrets),
         ("a ServiceAccount probes what it may do", probing_sa),
         ("anonymous access granted and used", anonymous_access),
-        (
-            "exec into a pod",
-            lambda: mallory("exec", "-n", "shop", NODE_POD, "--", "cat", "/etc/passwd"),
-        ),
+        ("exec into a pod (WebSocket refused, then SPDY)", exec_allowed_create_only),
         ("attach to a pod", lambda: mallory("attach", "-n", "shop", NODE_POD)),
         ("port-forward to a pod", port_forward),
         (
@@ -813,6 +840,8 @@ class AttackReport:
     missed: list[str]
     table: str
     new_matches: dict[str, int]
+    since: datetime
+    until: datetime
 
 
 NODE_POD = "web-on-node-1"
@@ -823,6 +852,7 @@ apiserver opens the session (101) as on a cluster with nodes."""
 def run_attacks(cluster: Cluster) -> AttackReport:
     """Every attack of `attacks`, then which detections did not match or are not Firing."""
     before = library_alerts(cluster)
+    since = datetime.now(UTC)
     with FakeKubelet(cluster.root / "kubelet.crt", cluster.root / "kubelet.key") as kubelet:
         cluster.apply(json.dumps(kubelet.node("node-1")))
         cluster.apply(
@@ -843,6 +873,7 @@ def run_attacks(cluster: Cluster) -> AttackReport:
             print(f"attack: {what}", file=sys.stderr)
             action()
     settle()
+    until = datetime.now(UTC)
     after = library_alerts(cluster)
     rows, missed, new_matches = [], [], {}
     for name, resource in sorted(after.items()):
@@ -856,7 +887,7 @@ def run_attacks(cluster: Cluster) -> AttackReport:
             missed.append(name)
         rows.append(f"{name:42} {delta:5}  {state}")
     header = f"{'alert':42} {'new matches':>5}  state"
-    return AttackReport(missed, "\n".join([header, *rows]), new_matches)
+    return AttackReport(missed, "\n".join([header, *rows]), new_matches, since, until)
 
 
 def main() -> int:

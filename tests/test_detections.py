@@ -11,6 +11,8 @@ event (the language's meaning); they must agree on every event.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -242,12 +244,17 @@ def label(event: dict[str, Any]) -> str:
 
 @cache
 def fired(name: str) -> list[str]:
-    """Labels of the corpus events that detection `name` matches, checked by both evaluators."""
-    events = corpus()
+    """Labels of the corpus events that detection `name` reports."""
     detection = detections()[name]
     condition = detection.rule.condition
     if detection.unless is not None:  # what is reported: the rule, less its exceptions
         condition = conjunction([condition, Not(detection.unless)])
+    return fired_on(condition, name)
+
+
+def fired_on(condition: Expr, name: str) -> list[str]:
+    """Labels of the corpus events `condition` matches, checked by both evaluators."""
+    events = corpus()
     batch = normalise(events, datetime(2025, 1, 1, tzinfo=UTC))
     vectorised = compile_rule(condition).evaluate(batch).to_pylist()
     per_event = [matches(condition, event) for event in events]
@@ -404,26 +411,66 @@ def test_secret_created_deleted() -> None:
 # Pods: exec, port-forward, privileges, host namespaces and paths
 
 
+EXEC_SESSIONS_BOTH_STAGES = [  # ResponseStarted (101) and ResponseComplete of one session
+    RECON_EXEC,
+    "pod-attach",
+    "pod-exec-websocket-get",
+    # kubectl >= 1.30: a refused WebSocket get (403, at both stages too), then the SPDY create.
+    "pod-exec-spdy-create-after-websocket-refused",
+]
+EXEC_SESSIONS_COMPLETION_ONLY = [MINIKUBE_EXEC, SEKOIA_EXEC]  # logs without ResponseStarted
+EXEC_NEAR_MISSES = [
+    "pod-log-read",
+    "pod-portforward",
+    "pod-created-unprivileged",
+    "pod-exec-websocket-get-forbidden",
+]
+EXEC_AT_COMPLETION = DETECTIONS_DIR / "components" / "exec-at-completion"
+
+
 def test_pod_exec_attach() -> None:
+    """Once per session, when it opens: at ResponseStarted, or on GKE's single entry. A log
+    without ResponseStarted is the component's case (next test)."""
     expect(
         "k8s-pod-exec-attach",
-        fires=[
-            MINIKUBE_EXEC,
-            RECON_EXEC,  # its ResponseStarted must not count twice
-            SEKOIA_EXEC,
-            "pod-attach",
-            "pod-exec-websocket-get",
-            # kubectl >= 1.30: a refused WebSocket get, then the SPDY create: one session.
-            "pod-exec-spdy-create-after-websocket-refused",
-            "gke-logentry-exec",  # no stage, GKE's status 0 as 200
-        ],
-        silent=[
-            "pod-log-read",
-            "pod-portforward",
-            "pod-created-unprivileged",
-            "pod-exec-websocket-get-forbidden",
-        ],
+        fires=[*EXEC_SESSIONS_BOTH_STAGES, "gke-logentry-exec"],  # GKE: no stage, 0 as 200
+        silent=[*EXEC_SESSIONS_COMPLETION_ONLY, *EXEC_NEAR_MISSES],
     )
+    sessions = [
+        e
+        for e in corpus()
+        if label(e) in EXEC_SESSIONS_BOTH_STAGES
+        and matches(detections()["k8s-pod-exec-attach"].rule.condition, e)
+    ]
+    assert {e["stage"] for e in sessions} == {"ResponseStarted"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_pod_exec_attach_at_completion_component(tmp_path: Path) -> None:
+    """The kustomize component for logs without ResponseStarted moves the rule to the completing
+    event and changes nothing else: every session still counts once, those logs included."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shutil.copytree(DETECTIONS_DIR, tmp_path / "detections")
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../detections]\n"
+        "components: [../detections/components/exec-at-completion]\n"
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    alerts = {d["metadata"]["name"]: d for d in yaml.safe_load_all(rendered.stdout) if d}
+    assert sorted(alerts) == sorted(detections())
+    shipped = detections()["k8s-pod-exec-attach"].resource
+    patched = alerts["k8s-pod-exec-attach"]
+    assert patched["metadata"]["annotations"] == shipped["metadata"]["annotations"]
+    shipped_rule, patched_rule = (r["spec"]["rule"]["config"] for r in (shipped, patched))
+    assert patched_rule.split("\n")[1:] == shipped_rule.split("\n")[1:]
+    condition = parse_rule("composite", patched_rule).condition
+    fires = [*EXEC_SESSIONS_BOTH_STAGES, *EXEC_SESSIONS_COMPLETION_ONLY, "gke-logentry-exec"]
+    assert Counter(fired_on(condition, "exec-at-completion")) == Counter(fires)
 
 
 def test_pod_portforward() -> None:
@@ -685,7 +732,7 @@ def test_request_denied_burst() -> None:
             RECON_EVENTS_LIST_403,
             "anonymous-list-secrets-forbidden",
             "secret-get-denied-for-developer",
-            "pod-exec-websocket-get-forbidden",
+            "pod-exec-websocket-get-forbidden",  # written at ResponseStarted too: counted once
             "gke-logentry-secret-denied",
         ],
         silent=[
