@@ -399,6 +399,16 @@ class Simulation:
     threads: list[threading.Thread] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    apis: list[Api] = field(init=False)
+    """Each add-on's client. Its token is minted here, before the steady state: a TokenRequest
+    by the admin is the harness's set-up (k8s-serviceaccount-token-requested would report it),
+    not the add-ons' traffic; a pod gets its token from its kubelet."""
+
+    def __post_init__(self) -> None:
+        self.apis = [
+            Api(self.cluster, self.cluster.token(addon.namespace, addon.service_account))
+            for addon in ADDONS
+        ]
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         def guarded() -> None:
@@ -413,8 +423,7 @@ class Simulation:
         self.threads.append(thread)
 
     def start(self) -> None:
-        for addon in ADDONS:
-            api = Api(self.cluster, self.cluster.token(addon.namespace, addon.service_account))
+        for addon, api in zip(ADDONS, self.apis, strict=True):
             for path in addon.watches:
                 self._thread(
                     f"{addon.service_account} {path}",
@@ -588,10 +597,10 @@ def settle() -> None:
 def run_benign(cluster: Cluster, seconds: float) -> Report:
     """Install, then `seconds` of steady state; the report of what the library did."""
     install(cluster)
+    simulation = Simulation(cluster)
     settle()
     before = library_alerts(cluster)
     since = datetime.now(UTC)
-    simulation = Simulation(cluster)
     simulation.start()
     time.sleep(seconds)
     simulation.finish()
@@ -880,6 +889,10 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         (
             "client certificate requested",
             lambda: mallory("apply", "-f", "-", input=client_certificate_request("mallory")),
+        ),
+        (
+            "token minted for a ServiceAccount",
+            lambda: mallory("create", "token", "default", "-n", "payments"),
         ),
         ("CronJob created", lambda: mallory("apply", "-f", "-", input=CRONJOB)),
         ("DaemonSet created", lambda: mallory("apply", "-f", "-", input=DAEMONSET)),

@@ -182,6 +182,10 @@ HAND_WRITTEN = {
     "pod-exec-cat-app-config": "823c563d-8667-5185-8210-6671e4f77577",
     "pod-exec-tar-forbidden": "f63d33c8-3e7b-5ccc-9243-0cb53e2b103e",
     "aks-pod-exec-cat-azure-token": "ab37c247-4ad7-5de8-a417-78326b154d3d",
+    "eks-token-requested": "9f3e38ce-4308-5918-919d-afea58f8263d",
+    "token-requested-by-kubelet": "f634456c-a3c1-54b0-8ea7-bd4590ba0c87",
+    "token-request-forbidden": "b946d682-9d89-579a-8b63-a243a352c966",
+    "aks-token-requested": "6e48cd2d-44b2-5723-a879-f37e199741f0",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -801,6 +805,7 @@ def test_request_denied_burst() -> None:
             "pod-exec-websocket-get-forbidden",  # written at ResponseStarted too: counted once
             "pod-exec-tar-forbidden",  # the same
             "cronjob-create-forbidden",
+            "token-request-forbidden",
             "gke-logentry-secret-denied",
         ],
         silent=[
@@ -1095,4 +1100,17 @@ def test_pod_exec_sensitive_command() -> None:
             "gke-logentry-exec",
             "pod-attach",
         ],
+    )
+
+
+def test_serviceaccount_token_requested() -> None:
+    expect(
+        "k8s-serviceaccount-token-requested",
+        fires=[
+            "serviceaccount-token-requested-kube-system",
+            "eks-token-requested",
+            "aks-token-requested",
+            "gke-logentry-token-requested",
+        ],
+        silent=["token-requested-by-kubelet", "token-request-forbidden", "serviceaccount-deleted"],
     )
