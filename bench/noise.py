@@ -890,6 +890,11 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
             "client certificate requested",
             lambda: mallory("apply", "-f", "-", input=client_certificate_request("mallory")),
         ),
+        ("Secrets of every namespace listed", lambda: mallory("get", "secrets", "-A")),
+        (
+            "Secret names guessed",
+            lambda: mallory("get", "secret", "stripe-live-key", "-n", "payments"),
+        ),
         (
             "token minted for a ServiceAccount",
             lambda: mallory("create", "token", "default", "-n", "payments"),

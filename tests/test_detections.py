@@ -186,6 +186,15 @@ HAND_WRITTEN = {
     "token-requested-by-kubelet": "f634456c-a3c1-54b0-8ea7-bd4590ba0c87",
     "token-request-forbidden": "b946d682-9d89-579a-8b63-a243a352c966",
     "aks-token-requested": "6e48cd2d-44b2-5723-a879-f37e199741f0",
+    "secret-watch-all-by-developer": "65e99781-bafd-5ffe-8935-d3fbf649c771",
+    "eks-secret-list-all": "e2509532-2186-5e8e-8f54-c03cc85c06a4",
+    "secret-watch-all-by-ingress-nginx": "37ee59e3-e28d-51c9-af22-0ba4dbe45f32",
+    "secret-list-all-by-controller-manager": "c8acc333-2342-5766-aac7-2ae1404a3bdc",
+    "eks-secret-get-not-found": "27bfb559-c0f9-5056-9b83-57eac30aa3ff",
+    "secret-get-not-found-by-cert-manager": "3ae42d87-b4e7-5ce7-a73c-88bc97fd861b",
+    "secret-get-not-found-by-kube-system-controller": "738321d5-4dcb-5dec-995d-4ddc7e5b5c71",
+    "aks-secret-list-all": "6027840f-05bc-5b92-9fd9-0ec4c6583e88",
+    "aks-secret-get-not-found": "21a37e78-8bbf-5d03-aaa4-1a4f49ed5cd9",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -396,6 +405,9 @@ def test_secret_read() -> None:
         fires=[
             "secret-get-by-developer",
             "secret-list-by-ci-serviceaccount",
+            "eks-secret-list-all",
+            "aks-secret-list-all",
+            "gke-logentry-secret-list-all",
             *TRUSTED_BEYOND_THEIR_JOB,
         ],
         silent=[
@@ -1113,4 +1125,42 @@ def test_serviceaccount_token_requested() -> None:
             "gke-logentry-token-requested",
         ],
         silent=["token-requested-by-kubelet", "token-request-forbidden", "serviceaccount-deleted"],
+    )
+
+
+def test_secret_list_all_namespaces() -> None:
+    expect(
+        "k8s-secret-list-all-namespaces",
+        fires=[
+            "secret-list-by-ci-serviceaccount",
+            "secret-watch-all-by-developer",  # ResponseStarted and ResponseComplete: once
+            "eks-secret-list-all",
+            "aks-secret-list-all",
+            "gke-logentry-secret-list-all",
+        ],
+        silent=[
+            KUBE_STATE_METRICS_LIST,  # trusted to list
+            "secret-watch-all-by-ingress-nginx",  # trusted to watch
+            "secret-list-all-by-controller-manager",
+            "secret-get-by-developer",  # one namespace: k8s-secret-read's
+            "anonymous-list-secrets-forbidden",
+        ],
+    )
+
+
+def test_secret_get_not_found() -> None:
+    expect(
+        "k8s-secret-get-not-found",
+        fires=[
+            "secret-get-not-found",
+            "eks-secret-get-not-found",
+            "aks-secret-get-not-found",
+            "gke-logentry-secret-get-not-found",  # google.rpc NOT_FOUND (5) as 404
+        ],
+        silent=[
+            "secret-get-not-found-by-cert-manager",  # trusted: reads before it creates
+            "secret-get-not-found-by-kube-system-controller",
+            "secret-get-denied-for-developer",  # 403: k8s-secret-read-denied's
+            "secret-get-by-developer",
+        ],
     )
