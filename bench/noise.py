@@ -694,6 +694,18 @@ spec:
 """No node matches its selector: the DaemonSet is created, no pod is."""
 
 
+TOKEN_SECRET = """
+apiVersion: v1
+kind: Secret
+metadata:
+  name: default-forever
+  namespace: payments
+  annotations: {kubernetes.io/service-account.name: default}
+type: kubernetes.io/service-account-token
+"""
+"""The token controller fills it with a token that never expires."""
+
+
 def client_certificate_request(user: str) -> str:
     """A CertificateSigningRequest for a client certificate of the apiserver, as `user`."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -894,6 +906,10 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         (
             "Secret names guessed",
             lambda: mallory("get", "secret", "stripe-live-key", "-n", "payments"),
+        ),
+        (
+            "long-lived token Secret created",
+            lambda: mallory("apply", "-f", "-", input=TOKEN_SECRET),
         ),
         (
             "token minted for a ServiceAccount",

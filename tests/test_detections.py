@@ -195,6 +195,11 @@ HAND_WRITTEN = {
     "secret-get-not-found-by-kube-system-controller": "738321d5-4dcb-5dec-995d-4ddc7e5b5c71",
     "aks-secret-list-all": "6027840f-05bc-5b92-9fd9-0ec4c6583e88",
     "aks-secret-get-not-found": "21a37e78-8bbf-5d03-aaa4-1a4f49ed5cd9",
+    "token-secret-filled-by-token-controller": "58571d02-76fd-54b3-bf80-fa63d19c7937",
+    "token-secret-created-by-token-controller": "92ea8a24-7cea-56c7-b9b6-1cfa2da3f418",
+    "secret-updated-by-developer": "aa527f5a-867c-5e23-91b1-fa01121dd396",
+    "eks-token-secret-filled": "97177b6e-ebaf-5d1f-a73a-4f14427d3933",
+    "aks-token-secret-filled": "a3a3b185-289d-5bf3-88d9-a50a2e2d68b9",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -1162,5 +1167,24 @@ def test_secret_get_not_found() -> None:
             "secret-get-not-found-by-kube-system-controller",
             "secret-get-denied-for-developer",  # 403: k8s-secret-read-denied's
             "secret-get-by-developer",
+        ],
+    )
+
+
+def test_serviceaccount_token_secret() -> None:
+    """Secret bodies are never logged: the token controller filling a Secret somebody created
+    (an update, as kube-apiserver 1.20 recorded it) tells a long-lived token was made."""
+    expect(
+        "k8s-serviceaccount-token-secret",
+        fires=[
+            "token-secret-filled-by-token-controller",
+            "eks-token-secret-filled",
+            "aks-token-secret-filled",
+            "gke-logentry-token-secret-filled",
+        ],
+        silent=[
+            "token-secret-created-by-token-controller",  # its own, before Kubernetes 1.24
+            "secret-updated-by-developer",
+            "sa-token-secret-created-by-developer",  # the creation: k8s-secret-created-deleted
         ],
     )
