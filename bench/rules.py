@@ -1,6 +1,6 @@
 """Benchmark: decode + normalise, and rule evaluation over decoded batches.
 
-    python bench/rules.py [--events 300000] [--batch 10000] [--alerts 29,100,1000,5000]
+    python bench/rules.py [--events 300000] [--batch 10000] [--alerts 40,100,1000,5000]
 
 Generates a deterministic stream of realistic audit events (the real samples of
 tests/data/audit-samples, varied in user, verb, resource, namespace,
@@ -9,7 +9,7 @@ name, code and auditID), then reports events/s for:
   - auditwatch's decode_body + normalise of those bytes (the general path), and the fast path
     (columnar.batch_from_json) over the same events as JSON arrays,
   - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches,
-  - evaluating the detection library (examples/detections, 29 alerts) plus tenants' copies, up to
+  - evaluating the detection library (examples/detections, 40 alerts) plus tenants' copies, up to
     5,000 alerts, on 400-event batches (the apiserver's): one alert at a time (`compile_rule`,
     as before the stream plan) and all of a stream's alerts at once (`rules.plan.StreamPlan`).
 Everything runs in this one process on one core (pyarrow's thread pool is limited to 1).
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="best of N runs per measurement")
     parser.add_argument(
         "--alerts",
-        default="29,100,1000,5000",
+        default="40,100,1000,5000",
         help="alert counts for the library + tenants measurement ('' to skip)",
     )
     parser.add_argument(

@@ -116,7 +116,7 @@ def test_test_rule_in_a_real_process(samples: Path) -> None:
 
 def test_lint_accepts_the_examples() -> None:
     result = run("lint", EXAMPLES / "standalone", EXAMPLES / "detections")
-    files = [*(EXAMPLES / "standalone").glob("*.y*ml"), *(EXAMPLES / "detections").glob("*.y*ml")]
+    files = [*(EXAMPLES / "standalone").glob("*.y*ml"), *(EXAMPLES / "detections").rglob("*.y*ml")]
     resources = sum(
         1 for file in files for doc in yaml.safe_load_all(file.read_text()) if doc is not None
     )

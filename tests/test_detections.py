@@ -11,6 +11,8 @@ event (the language's meaning); they must agree on every event.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -138,6 +140,66 @@ HAND_WRITTEN = {
     "eks-ingress-without-tls": "6d0f2b4e-8a5c-4d9e-bf31-4c6d8e0f2a35",  # also RequestReceived
     "aks-ingress-without-tls": "7e1a3c5f-9b6d-4eaf-8042-5d7e9f1a3b46",  # aks-records.jsonl
     "aks-ingress-with-tls": "8f2b4d6a-0c7e-4fb0-9153-6e8f0a2b4c57",
+    # peers.jsonl (eks-*: also RequestReceived; exec: ResponseStarted too), aks-peers.jsonl
+    "clusterrole-nodes-proxy": "44e7ccad-1100-5c32-aba6-dbf1c45948c7",
+    "eks-role-nodes-subresources": "9842f6cb-caf5-57fb-bac9-a7f8cbc71eae",
+    "clusterrole-nodes-metrics": "dea3efef-a2e5-5729-a081-3fa57bd1ed64",
+    "clusterrole-kubelet-api-admin-by-apiserver": "36677e14-313b-503f-b9f1-a2548997dc4d",
+    "aks-role-nodes-proxy": "60b1524b-58aa-5c37-94c5-c736bdb49e7b",
+    "mutatingwebhook-created": "26a060df-5b81-557d-9da6-fea894ca187d",
+    "eks-validatingwebhook-deleted": "b996a94a-15d7-5807-b40f-0a1c6e7d4118",
+    "validatingwebhook-cabundle-by-cainjector": "0827249b-6728-5fce-8d86-bcaf50cba239",
+    "validatingwebhook-patched-by-cainjector-spoof": "fa13d172-b048-5074-ba59-d095c096c6e4",
+    "mutatingwebhook-list": "34eb2e25-1549-542d-9c8c-ba301b00c463",
+    "mutatingwebhook-dry-run": "e6f20361-5f5d-57c7-bde4-2bae9aa7f29d",
+    "aks-mutatingwebhook-patched": "55ee4d16-2cfa-5ea4-8fdb-3f19694ad6d4",
+    "csr-client-cert-by-developer": "ff533c30-e3b6-5232-91ca-3dde167ef356",
+    "eks-csr-client-cert": "43517089-dd15-5f90-aaca-edcaa2c1d96b",
+    "csr-kubelet-client-by-bootstrap": "8bbd0975-a87b-50b1-aa1a-432981bef7a1",
+    "csr-kubelet-serving-by-node": "353a80ed-5aa0-5f94-8def-9242c9538d31",
+    "csr-approved-by-admin": "83a137d0-13e9-55fa-be72-779ddada9e70",
+    "aks-csr-client-cert": "1e65a6cb-d36e-5844-9208-402d1186b0b1",
+    "cronjob-created": "3e644e99-023a-5c1f-a5a4-240ce7e4ea88",
+    "eks-cronjob-patched": "ec329db0-721c-5927-9372-05a10e0febbc",
+    "cronjob-status-by-controller": "a5937928-5713-5afd-9983-e470923b39f9",
+    "job-created-by-cronjob-controller": "48a8ea8e-2ea4-5765-9af3-0c4928bdf73f",
+    "cronjob-create-forbidden": "36ba5141-0daf-57d1-8e91-318ed523b6db",
+    "aks-cronjob-created": "adbbd510-aaca-5fd0-aa69-65078f1fa85f",
+    "daemonset-created": "ff61aab0-e439-5a6b-969e-1347a5b52886",
+    "eks-daemonset-created": "714133ae-462d-5874-ae2f-3834ee112657",
+    "daemonset-image-patched": "85622261-d0f8-5525-a9aa-8adbf1cfc76c",
+    "daemonset-create-dry-run": "564f1166-5913-5db1-b16c-b2d3e2e7ac72",
+    "aks-daemonset-created": "5603eda4-a816-55a0-9f61-dbb9a6409870",
+    "pod-cap-sys-admin": "1ddc478a-a92a-5f55-9a1e-84472b9a1ebf",
+    "deployment-cap-net-admin-patched": "bd2fe148-1791-5750-8586-a04b7d04f275",
+    "eks-pod-cap-all": "0a18ee8b-291c-54ac-ae5d-5df9dc1b6ed7",
+    "pod-cap-net-bind-service": "6079758d-e5ae-5fc5-aa44-7b0a014310a7",
+    "pod-cap-drop-all": "b6549f7a-bdd7-5281-b6e6-d5a7155eb099",
+    "aks-daemonset-cap-sys-ptrace": "8ab1b3c4-9dd6-5554-9e4c-b7f8e2de1a5e",
+    "pod-exec-cat-sa-token": "779f5170-a4b9-55dd-bac0-7c73c31e00fc",
+    "pod-exec-kubectl-cp-tar": "8b6d0c7e-f951-5bc6-a0d1-e579490d0b87",
+    "eks-pod-exec-cat-irsa-token": "910d36cd-7842-57a7-893c-d9aacb9b137c",
+    "pod-exec-cat-app-config": "823c563d-8667-5185-8210-6671e4f77577",
+    "pod-exec-tar-forbidden": "f63d33c8-3e7b-5ccc-9243-0cb53e2b103e",
+    "aks-pod-exec-cat-azure-token": "ab37c247-4ad7-5de8-a417-78326b154d3d",
+    "eks-token-requested": "9f3e38ce-4308-5918-919d-afea58f8263d",
+    "token-requested-by-kubelet": "f634456c-a3c1-54b0-8ea7-bd4590ba0c87",
+    "token-request-forbidden": "b946d682-9d89-579a-8b63-a243a352c966",
+    "aks-token-requested": "6e48cd2d-44b2-5723-a879-f37e199741f0",
+    "secret-watch-all-by-developer": "65e99781-bafd-5ffe-8935-d3fbf649c771",
+    "eks-secret-list-all": "e2509532-2186-5e8e-8f54-c03cc85c06a4",
+    "secret-watch-all-by-ingress-nginx": "37ee59e3-e28d-51c9-af22-0ba4dbe45f32",
+    "secret-list-all-by-controller-manager": "c8acc333-2342-5766-aac7-2ae1404a3bdc",
+    "eks-secret-get-not-found": "27bfb559-c0f9-5056-9b83-57eac30aa3ff",
+    "secret-get-not-found-by-cert-manager": "3ae42d87-b4e7-5ce7-a73c-88bc97fd861b",
+    "secret-get-not-found-by-kube-system-controller": "738321d5-4dcb-5dec-995d-4ddc7e5b5c71",
+    "aks-secret-list-all": "6027840f-05bc-5b92-9fd9-0ec4c6583e88",
+    "aks-secret-get-not-found": "21a37e78-8bbf-5d03-aaa4-1a4f49ed5cd9",
+    "token-secret-filled-by-token-controller": "58571d02-76fd-54b3-bf80-fa63d19c7937",
+    "token-secret-created-by-token-controller": "92ea8a24-7cea-56c7-b9b6-1cfa2da3f418",
+    "secret-updated-by-developer": "aa527f5a-867c-5e23-91b1-fa01121dd396",
+    "eks-token-secret-filled": "97177b6e-ebaf-5d1f-a73a-4f14427d3933",
+    "aks-token-secret-filled": "a3a3b185-289d-5bf3-88d9-a50a2e2d68b9",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -242,12 +304,17 @@ def label(event: dict[str, Any]) -> str:
 
 @cache
 def fired(name: str) -> list[str]:
-    """Labels of the corpus events that detection `name` matches, checked by both evaluators."""
-    events = corpus()
+    """Labels of the corpus events that detection `name` reports."""
     detection = detections()[name]
     condition = detection.rule.condition
     if detection.unless is not None:  # what is reported: the rule, less its exceptions
         condition = conjunction([condition, Not(detection.unless)])
+    return fired_on(condition, name)
+
+
+def fired_on(condition: Expr, name: str) -> list[str]:
+    """Labels of the corpus events `condition` matches, checked by both evaluators."""
+    events = corpus()
     batch = normalise(events, datetime(2025, 1, 1, tzinfo=UTC))
     vectorised = compile_rule(condition).evaluate(batch).to_pylist()
     per_event = [matches(condition, event) for event in events]
@@ -343,6 +410,9 @@ def test_secret_read() -> None:
         fires=[
             "secret-get-by-developer",
             "secret-list-by-ci-serviceaccount",
+            "eks-secret-list-all",
+            "aks-secret-list-all",
+            "gke-logentry-secret-list-all",
             *TRUSTED_BEYOND_THEIR_JOB,
         ],
         silent=[
@@ -404,26 +474,88 @@ def test_secret_created_deleted() -> None:
 # Pods: exec, port-forward, privileges, host namespaces and paths
 
 
+EXEC_SESSIONS_BOTH_STAGES = [  # ResponseStarted (101) and ResponseComplete of one session
+    RECON_EXEC,
+    "pod-attach",
+    "pod-exec-websocket-get",
+    # kubectl >= 1.30: a refused WebSocket get (403, at both stages too), then the SPDY create.
+    "pod-exec-spdy-create-after-websocket-refused",
+    "pod-exec-cat-sa-token",
+    "pod-exec-kubectl-cp-tar",
+    "pod-exec-cat-app-config",
+    "eks-pod-exec-cat-irsa-token",
+    "aks-pod-exec-cat-azure-token",
+]
+EXEC_SESSIONS_COMPLETION_ONLY = [MINIKUBE_EXEC, SEKOIA_EXEC]  # logs without ResponseStarted
+EXEC_NEAR_MISSES = [
+    "pod-log-read",
+    "pod-portforward",
+    "pod-created-unprivileged",
+    "pod-exec-websocket-get-forbidden",
+    "pod-exec-tar-forbidden",
+]
+GKE_EXECS = ["gke-logentry-exec", "gke-logentry-exec-tar"]  # no stage, GKE's status 0 as 200
+EXEC_AT_COMPLETION = DETECTIONS_DIR / "components" / "exec-at-completion"
+
+
 def test_pod_exec_attach() -> None:
+    """Once per session, when it opens: at ResponseStarted, or on GKE's single entry. A log
+    without ResponseStarted is the component's case (next test)."""
     expect(
         "k8s-pod-exec-attach",
-        fires=[
-            MINIKUBE_EXEC,
-            RECON_EXEC,  # its ResponseStarted must not count twice
-            SEKOIA_EXEC,
-            "pod-attach",
-            "pod-exec-websocket-get",
-            # kubectl >= 1.30: a refused WebSocket get, then the SPDY create: one session.
-            "pod-exec-spdy-create-after-websocket-refused",
-            "gke-logentry-exec",  # no stage, GKE's status 0 as 200
-        ],
-        silent=[
-            "pod-log-read",
-            "pod-portforward",
-            "pod-created-unprivileged",
-            "pod-exec-websocket-get-forbidden",
-        ],
+        fires=[*EXEC_SESSIONS_BOTH_STAGES, *GKE_EXECS],
+        silent=[*EXEC_SESSIONS_COMPLETION_ONLY, *EXEC_NEAR_MISSES],
     )
+    sessions = [
+        e
+        for e in corpus()
+        if label(e) in EXEC_SESSIONS_BOTH_STAGES
+        and matches(detections()["k8s-pod-exec-attach"].rule.condition, e)
+    ]
+    assert {e["stage"] for e in sessions} == {"ResponseStarted"}
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_pod_exec_attach_at_completion_component(tmp_path: Path) -> None:
+    """The kustomize component for logs without ResponseStarted moves both exec rules to the
+    completing event and changes nothing else: every session still counts once, those logs
+    included."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shutil.copytree(DETECTIONS_DIR, tmp_path / "detections")
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../detections]\n"
+        "components: [../detections/components/exec-at-completion]\n"
+    )
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    alerts = {d["metadata"]["name"]: d for d in yaml.safe_load_all(rendered.stdout) if d}
+    assert sorted(alerts) == sorted(detections())
+    for alert in alerts.values():
+        assert alert["metadata"].pop("namespace") == "auditwatch"  # the kustomization's
+    rules = {  # parsed: kustomize may re-indent a folded rule's continuation lines
+        name: parse_rule("composite", alert["spec"]["rule"]["config"]).condition
+        for name, alert in alerts.items()
+    }
+    changed = sorted(name for name in alerts if rules[name] != detections()[name].rule.condition)
+    assert changed == ["k8s-pod-exec-attach", "k8s-pod-exec-sensitive-command"]
+    at_start = '(stage = "ResponseStarted" or not stage exists) and '
+    at_completion = 'not stage in ("RequestReceived", "ResponseStarted") and '
+    for name in changed:
+        shipped, patched = detections()[name].resource, alerts[name]
+        assert patched["metadata"] == shipped["metadata"]
+        assert {**patched["spec"], "rule": None} == {**shipped["spec"], "rule": None}
+        shipped_rule = shipped["spec"]["rule"]["config"]
+        assert shipped_rule.startswith(at_start)
+        moved = shipped_rule.replace(at_start, at_completion, 1)
+        assert rules[name] == parse_rule("composite", moved).condition
+    fires = [*EXEC_SESSIONS_BOTH_STAGES, *EXEC_SESSIONS_COMPLETION_ONLY, *GKE_EXECS]
+    assert Counter(fired_on(rules["k8s-pod-exec-attach"], "exec-at-completion")) == Counter(fires)
+    sensitive = fired_on(rules["k8s-pod-exec-sensitive-command"], "exec-at-completion")
+    assert Counter(sensitive) == Counter(fired("k8s-pod-exec-sensitive-command"))
 
 
 def test_pod_portforward() -> None:
@@ -560,6 +692,8 @@ def test_role_write_privileges() -> None:
             "clusterrole-write-privileges",
             "role-pod-exec-in-namespace",
             "system-role-kube-system-patched",
+            "clusterrole-nodes-proxy",  # create on nodes/proxy
+            "gke-logentry-clusterrole-nodes-proxy",
         ],
         silent=[
             "clusterrole-read-only",
@@ -685,7 +819,10 @@ def test_request_denied_burst() -> None:
             RECON_EVENTS_LIST_403,
             "anonymous-list-secrets-forbidden",
             "secret-get-denied-for-developer",
-            "pod-exec-websocket-get-forbidden",
+            "pod-exec-websocket-get-forbidden",  # written at ResponseStarted too: counted once
+            "pod-exec-tar-forbidden",  # the same
+            "cronjob-create-forbidden",
+            "token-request-forbidden",
             "gke-logentry-secret-denied",
         ],
         silent=[
@@ -823,6 +960,11 @@ def test_role_created_deleted() -> None:
             "clusterrole-pod-exec",
             "role-pod-exec-in-namespace",
             "system-clusterrole-deleted",
+            "clusterrole-nodes-proxy",
+            "clusterrole-nodes-metrics",
+            "clusterrole-kubelet-api-admin-by-apiserver",
+            "aks-role-nodes-proxy",
+            "gke-logentry-clusterrole-nodes-proxy",
         ],
         silent=["system-clusterrole-node-patched", "clusterrole-aggregated-admin-updated"],
     )
@@ -839,4 +981,210 @@ def test_rolebinding_created_deleted() -> None:
             "gke-logentry-clusterrolebinding",
         ],
         silent=[RECON_ROLE_LIST, "clusterrole-read-only"],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Peer detections (issue #12 section 2): each fires on self-managed, EKS-shaped (with its
+# RequestReceived stage), AKS-record and GKE events, and stays silent on its near-misses.
+
+
+def test_role_nodes_proxy() -> None:
+    expect(
+        "k8s-role-nodes-proxy",
+        fires=[
+            "clusterrole-nodes-proxy",
+            "eks-role-nodes-subresources",  # nodes/* covers nodes/proxy
+            "aks-role-nodes-proxy",
+            "gke-logentry-clusterrole-nodes-proxy",
+        ],
+        silent=[
+            "clusterrole-nodes-metrics",
+            "clusterrole-kubelet-api-admin-by-apiserver",  # the RBAC bootstrap
+            "clusterrole-read-only",
+            "clusterrole-wildcard-verbs",  # k8s-role-wildcard's
+        ],
+    )
+
+
+def test_webhook_configuration_changed() -> None:
+    expect(
+        "k8s-webhook-configuration-changed",
+        fires=[
+            "mutatingwebhook-created",
+            "eks-validatingwebhook-deleted",  # switching a policy engine off
+            "aks-mutatingwebhook-patched",
+            "gke-logentry-validatingwebhook-created",
+            # a ServiceAccount of the same name in another namespace is not cert-manager's
+            "validatingwebhook-patched-by-cainjector-spoof",
+        ],
+        silent=[
+            "validatingwebhook-cabundle-by-cainjector",  # the trust list's
+            "mutatingwebhook-list",
+            "mutatingwebhook-dry-run",
+        ],
+    )
+    rule = detections()["k8s-webhook-configuration-changed"].rule.condition
+    cainjector = [e for e in corpus() if label(e) == "validatingwebhook-cabundle-by-cainjector"]
+    assert [matches(rule, e) for e in cainjector] == [True]  # excepted, not unmatched
+
+
+def test_csr_client_certificate() -> None:
+    expect(
+        "k8s-csr-client-certificate",
+        fires=[
+            "csr-client-cert-by-developer",
+            "eks-csr-client-cert",
+            "aks-csr-client-cert",
+            "gke-logentry-csr-client-cert",
+        ],
+        silent=[
+            "csr-kubelet-client-by-bootstrap",
+            "csr-kubelet-serving-by-node",
+            "csr-approved-by-admin",
+        ],
+    )
+
+
+def test_cronjob_created_modified() -> None:
+    expect(
+        "k8s-cronjob-created-modified",
+        fires=[
+            "cronjob-created",
+            "cronjob-host-pid",
+            "eks-cronjob-patched",
+            "aks-cronjob-created",
+            "gke-logentry-cronjob-created",
+        ],
+        silent=[
+            "cronjob-status-by-controller",
+            "job-created-by-cronjob-controller",
+            "cronjob-create-forbidden",
+        ],
+    )
+
+
+def test_daemonset_created() -> None:
+    expect(
+        "k8s-daemonset-created",
+        fires=[
+            "daemonset-created",
+            "daemonset-privileged-hostnetwork-docker-sock",
+            "eks-daemonset-created",
+            "aks-daemonset-created",
+            "aks-daemonset-cap-sys-ptrace",
+            "gke-logentry-daemonset-cap-sys-module",
+        ],
+        silent=["daemonset-image-patched", "daemonset-create-dry-run", "deployment-deleted"],
+    )
+
+
+def test_dangerous_capabilities() -> None:
+    expect(
+        "k8s-dangerous-capabilities",
+        fires=[
+            "pod-cap-sys-admin",
+            "deployment-cap-net-admin-patched",  # lower case: runtimes accept it
+            "eks-pod-cap-all",
+            "aks-daemonset-cap-sys-ptrace",  # CAP_ prefixed
+            "gke-logentry-daemonset-cap-sys-module",
+        ],
+        silent=[
+            "pod-cap-net-bind-service",
+            "pod-cap-drop-all",  # dropping SYS_ADMIN is not adding it
+            "pod-created-unprivileged",
+            SEKOIA_PRIVILEGED_POD,  # k8s-privileged-container's
+        ],
+    )
+
+
+def test_pod_exec_sensitive_command() -> None:
+    """Once per session, when it opens, like k8s-pod-exec-attach: the command from the URI's
+    query (percent-encoded, `+` for spaces), or GKE's request body."""
+    expect(
+        "k8s-pod-exec-sensitive-command",
+        fires=[
+            "pod-exec-cat-sa-token",
+            "pod-exec-kubectl-cp-tar",
+            "eks-pod-exec-cat-irsa-token",  # sh -c "cat /var/run/secrets/eks.amazonaws.com/..."
+            "aks-pod-exec-cat-azure-token",
+            "gke-logentry-exec-tar",
+        ],
+        silent=[
+            "pod-exec-cat-app-config",  # /var/run/secrets/app: not an identity token
+            "pod-exec-tar-forbidden",
+            "pod-exec-websocket-get",  # a shell
+            "gke-logentry-exec",
+            "pod-attach",
+        ],
+    )
+
+
+def test_serviceaccount_token_requested() -> None:
+    expect(
+        "k8s-serviceaccount-token-requested",
+        fires=[
+            "serviceaccount-token-requested-kube-system",
+            "eks-token-requested",
+            "aks-token-requested",
+            "gke-logentry-token-requested",
+        ],
+        silent=["token-requested-by-kubelet", "token-request-forbidden", "serviceaccount-deleted"],
+    )
+
+
+def test_secret_list_all_namespaces() -> None:
+    expect(
+        "k8s-secret-list-all-namespaces",
+        fires=[
+            "secret-list-by-ci-serviceaccount",
+            "secret-watch-all-by-developer",  # ResponseStarted and ResponseComplete: once
+            "eks-secret-list-all",
+            "aks-secret-list-all",
+            "gke-logentry-secret-list-all",
+        ],
+        silent=[
+            KUBE_STATE_METRICS_LIST,  # trusted to list
+            "secret-watch-all-by-ingress-nginx",  # trusted to watch
+            "secret-list-all-by-controller-manager",
+            "secret-get-by-developer",  # one namespace: k8s-secret-read's
+            "anonymous-list-secrets-forbidden",
+        ],
+    )
+
+
+def test_secret_get_not_found() -> None:
+    expect(
+        "k8s-secret-get-not-found",
+        fires=[
+            "secret-get-not-found",
+            "eks-secret-get-not-found",
+            "aks-secret-get-not-found",
+            "gke-logentry-secret-get-not-found",  # google.rpc NOT_FOUND (5) as 404
+        ],
+        silent=[
+            "secret-get-not-found-by-cert-manager",  # trusted: reads before it creates
+            "secret-get-not-found-by-kube-system-controller",
+            "secret-get-denied-for-developer",  # 403: k8s-secret-read-denied's
+            "secret-get-by-developer",
+        ],
+    )
+
+
+def test_serviceaccount_token_secret() -> None:
+    """Secret bodies are never logged: the token controller filling a Secret somebody created
+    (an update, as kube-apiserver 1.20 recorded it) tells a long-lived token was made."""
+    expect(
+        "k8s-serviceaccount-token-secret",
+        fires=[
+            "token-secret-filled-by-token-controller",
+            "eks-token-secret-filled",
+            "aks-token-secret-filled",
+            "gke-logentry-token-secret-filled",
+        ],
+        silent=[
+            "token-secret-created-by-token-controller",  # its own, before Kubernetes 1.24
+            "secret-updated-by-developer",
+            "sa-token-secret-created-by-developer",  # the creation: k8s-secret-created-deleted
+        ],
     )

@@ -11,11 +11,25 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from bench.noise import ADDONS, ATTACKER, PEOPLE, STREAM, Report, run_attacks, run_benign
+import yaml
+from bench.noise import (
+    ADDONS,
+    ATTACKER,
+    DETECTIONS,
+    PEOPLE,
+    STREAM,
+    AttackReport,
+    Report,
+    run_attacks,
+    run_benign,
+)
 from tests.realcluster import Cluster, missing_controllers, start
 
+from auditwatch.config.build import build_alert
+from auditwatch.rules.reference import matches
 from auditwatch.store import query
 
 pytestmark = pytest.mark.skipif(
@@ -66,9 +80,59 @@ def test_no_medium_or_higher_detection_fires_on_the_benign_steady_state(benign: 
     assert [a.name for a in benign.notable] == [], benign.table()
 
 
-def test_every_detection_fires_on_its_attack(cluster: Cluster, benign: Report) -> None:
-    attacks = run_attacks(cluster)
+@pytest.fixture(scope="module")
+def attacks(cluster: Cluster, benign: Report) -> AttackReport:
+    """The attacks, after the steady state."""
+    return run_attacks(cluster)
+
+
+def test_every_detection_fires_on_its_attack(attacks: AttackReport) -> None:
     assert attacks.missed == [], attacks.table
-    # kubectl exec and attach, each one session through the apiserver: counted once each,
-    # though the apiserver writes ResponseStarted and ResponseComplete for both.
-    assert attacks.new_matches["k8s-pod-exec-attach"] == 2, attacks.table
+    # kubectl exec, attach and cp, each one session through the apiserver: counted once each,
+    # though the apiserver writes ResponseStarted and ResponseComplete for each; the exec
+    # reads the ServiceAccount token and cp runs tar.
+    assert attacks.new_matches["k8s-pod-exec-attach"] == 3, attacks.table
+    assert attacks.new_matches["k8s-pod-exec-sensitive-command"] == 2, attacks.table
+
+
+def test_exec_and_attach_count_when_the_session_opens(
+    cluster: Cluster, attacks: AttackReport
+) -> None:
+    """What the apiserver wrote for the exec, attach and cp attacks, and what the detection
+    takes of it: each session's ResponseStarted (101), not its ResponseComplete, and not the
+    refused WebSocket `get` kubectl 1.32 tries first for the exec (403, written at both stages
+    too), after which it opened the session with an SPDY `create`."""
+    rule = build_alert(
+        yaml.safe_load((DETECTIONS / "k8s-pod-exec-attach.yaml").read_text()), lambda *_: None
+    ).rule.condition
+    written = [
+        e
+        for e in query(cluster.root / "data", STREAM, since=attacks.since, until=attacks.until)
+        if e.get("objectRef", {}).get("subresource") in ("exec", "attach")
+    ]
+
+    def requests(events: list[dict[str, Any]]) -> Counter[tuple[str, str, str, int]]:
+        return Counter(
+            (e["verb"], e["objectRef"]["subresource"], e["stage"], e["responseStatus"]["code"])
+            for e in events
+        )
+
+    assert requests(written) == Counter(
+        {
+            ("get", "exec", "ResponseStarted", 403): 1,  # WebSocket, refused by RBAC
+            ("get", "exec", "ResponseComplete", 403): 1,
+            ("create", "exec", "ResponseStarted", 101): 1,  # SPDY: the session
+            ("create", "exec", "ResponseComplete", 101): 1,
+            ("get", "attach", "ResponseStarted", 101): 1,  # WebSocket: the session
+            ("get", "attach", "ResponseComplete", 101): 1,
+            ("get", "exec", "ResponseStarted", 101): 1,  # kubectl cp, WebSocket
+            ("get", "exec", "ResponseComplete", 101): 1,
+        }
+    )
+    assert requests([e for e in written if matches(rule, e)]) == Counter(
+        {
+            ("create", "exec", "ResponseStarted", 101): 1,
+            ("get", "attach", "ResponseStarted", 101): 1,
+            ("get", "exec", "ResponseStarted", 101): 1,
+        }
+    )

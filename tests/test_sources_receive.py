@@ -213,14 +213,16 @@ async def test_firehose_delivery_stores_eks_events_fires_detections_and_answers_
     assert answer.body["requestId"] == "r-1"
     assert isinstance(answer.body["timestamp"], int)
     assert "errorMessage" not in answer.body
-    # pod-exec.log's exec and the finished exec of secret-recon-then-exec.log
-    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 2
+    # The exec of secret-recon-then-exec.log, once, when it opened (ResponseStarted); that of
+    # pod-exec.log has only its completing event, which the shipped rule leaves to the
+    # exec-at-completion component (docs/detections.md, Conventions).
+    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 1
     assert await matches(session, server, "cluster-eks") == len(messages)
 
     # Re-delivery after a lost answer: acknowledged, nothing kept twice.
     again = await post(session, url, body, firehose_headers("r-1"))
     assert again.status == 200 and again.body["requestId"] == "r-1"
-    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 2
+    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 1
 
     # The same events as extracted messages (message extraction on), one per line.
     extracted = b"\n".join(orjson.dumps(m) for m in messages[:2]) + b"\n"
@@ -228,7 +230,7 @@ async def test_firehose_delivery_stores_eks_events_fires_detections_and_answers_
         session, url, firehose_body(extracted, request_id="r-2"), firehose_headers("r-2")
     )
     assert answer.status == 200, answer.body
-    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 2  # duplicates
+    assert await matches(session, server, "k8s-pod-exec-attach-eks") == 1  # duplicates
 
     await server.close()
     kept = stored(server.data, "eks")
@@ -408,7 +410,11 @@ async def test_pubsub_malformed_message_is_a_400_and_keeps_nothing(
 async def test_aks_records_keep_the_cluster_and_fire_exec(
     server: Running, session: aiohttp.ClientSession
 ) -> None:
-    exec_event = (SAMPLES / "pod-exec.log").read_bytes().strip().decode()
+    [exec_event] = [  # the session opening: what k8s-pod-exec-attach counts
+        line
+        for line in (SAMPLES / "secret-recon-then-exec.log").read_text().splitlines()
+        if '"ResponseStarted"' in line and '"exec"' in line
+    ]
     body = {
         "records": [
             {
