@@ -238,6 +238,16 @@ def grouped(alert: AlertDef) -> tuple[dict[str, Any], dict[str, Any]]:
     return {"type": alert.rule_type, "config": config}, GROUPED_THRESHOLD | {"count": count}
 
 
+def library_trust_lists() -> dict[str, Any]:
+    """The trust lists of the stream the library is written for (examples/cluster)."""
+    path = ROOT / "examples" / "cluster" / "kube-audit-stream.yaml"
+    for document in yaml.safe_load_all(path.read_text()):
+        if document.get("kind") == "AuditStream":
+            lists: dict[str, Any] = document["spec"].get("trustLists", {})
+            return lists
+    return {}
+
+
 def write_resources(
     directory: Path, sink_url: str, extra: list[dict[str, Any]], grouped_alerts: int = 0
 ) -> None:
@@ -261,6 +271,9 @@ def write_resources(
             "spec": {
                 "auth": {"basic": {"secretRef": {"name": "bench-ingest"}}},
                 "allowedAlerts": {"clusterWide": {"from": "All"}},
+                # The library's detections name the shipped stream's trust lists
+                # (k8s-secret-read: `infrastructure`); without them that alert is Invalid.
+                "trustLists": library_trust_lists(),
             },
         },
     ]

@@ -304,6 +304,11 @@ def test_regex_beyond_re2_keeps_python_semantics(read_log: LogReader) -> None:
     assert both(cmp("user.username", Op.REGEX, r"user\d"), users) == [True, False, False]
     assert both(cmp("user.username", Op.REGEX, "admin$"), users) == [False, True, False]
     assert both(cmp("user.username", Op.REGEX, "^x{,3}$"), users) == [False, False, False]
+    # `$` ending a trailing group or branch (the library's `([/?]|$)`) still matches before a
+    # final newline; followed by more of the pattern it means what it means to Python.
+    assert both(cmp("user.username", Op.REGEX, "^admin([/?]|$)"), users) == [False, True, False]
+    assert both(cmp("user.username", Op.REGEX, "admin$\n"), users) == [False, True, False]
+    assert both(cmp("user.username", Op.REGEX, "(admin$|x)\n"), users) == [False, True, False]
 
 
 def test_invalid_regex_is_a_clear_error() -> None:
@@ -500,6 +505,7 @@ NUMBERS: list[Scalar] = [0, 1, 101, 200, 403, -1, 2**63, 2**70, 2.5, 403.0, -0.5
 NUMBERS += [math.nan, math.inf, -math.inf]
 REGEXES = ["^li", "st$", "(?=get)", r"\d+", "s.c", "^$", "[a-z]+:", "(a|b)*c", "[^x]", "ſ"]
 REGEXES += ["(?i)ALICE", "e{,2}", "[[:alpha:]]", r"\bpods\b", "A.*e", "^(?!get)", "x|", "İ"]
+REGEXES += ["(st|$)", "e(:|$)", "(a$|s)\n"]
 
 halves = st.integers(-6, 12).map(lambda n: n / 2)  # whole and fractional, near event codes
 scalars = st.one_of(

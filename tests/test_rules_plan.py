@@ -162,6 +162,24 @@ def test_the_library_and_tenant_copies_on_the_real_samples(read_log: LogReader) 
     assert fired >= 5  # the samples do set detections off, scoped copies included
 
 
+def test_batch_after_batch_a_plan_matches_as_a_fresh_one(
+    read_log: LogReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plan remembers the alerts each guard value tuple finds from one batch to the next, and
+    starts over when it holds `MAX_REMEMBERED_KEYS` of them: later batches are not affected."""
+    from auditwatch.rules import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "MAX_REMEMBERED_KEYS", 3)
+    alerts = detections()
+    plan = StreamPlan(alerts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for log in [*SAMPLE_LOGS, *reversed(SAMPLE_LOGS)]:
+            batch = from_table(normalise(read_log(log), RECEIVED).table)
+            fresh = planned(StreamPlan(alerts), batch, len(alerts))
+            assert planned(plan, from_table(batch.table), len(alerts)) == fresh, log
+
+
 def test_a_scoped_alert_sees_only_its_namespace() -> None:
     events = [
         {"verb": "get", "objectRef": {"resource": "secrets", "namespace": ns}}

@@ -7,7 +7,8 @@ decodes only those keys and skips the rest of the text (about 1 µs per event). 
 end of a path, and below an `*` segment, are kept as their raw JSON text and read by `exactjson`,
 so every value is exactly what walking the parsed event gives (`paths.walk`). A text the type
 cannot decode (a number beyond a double's range where the type expects one, say) is parsed
-whole, as before.
+whole, as before. `children` walks one segment of a path on decoded and parsed events alike, so
+the evaluator gathers a path's values for many rows a segment at a time (`evaluate.py`).
 """
 
 from __future__ import annotations
@@ -41,49 +42,11 @@ class PathReader:
             for key in path:
                 node = node.children.setdefault(key, _Trie())
             node.ends = True
-        self._fields: dict[type, dict[str, str]] = {}
-        """Per generated struct type: JSON key -> attribute."""
         self._decoder = msgspec.json.Decoder(self._type(trie, ()))
 
-    def read(self, text: str) -> Any:
+    def read(self, text: bytes | memoryview) -> Any:
         """The decoded parts of `text`; msgspec.DecodeError / ValidationError when it cannot."""
         return self._decoder.decode(text)
-
-    def values(
-        self, root: Any, path: tuple[str, ...], known: dict[tuple[str, ...], Any]
-    ) -> list[Any]:
-        """What `paths.walk(event, path)` yields, from `root`: the event as `read` gives it, or
-        the parsed event. `known` keeps one row's nodes at the prefixes walked before: the
-        paths of a detection share most of their way (`requestObject.spec...`), walked once."""
-        return [node for node in self._nodes(root, path, known) if node is not None]
-
-    def _nodes(
-        self, root: Any, path: tuple[str, ...], known: dict[tuple[str, ...], Any]
-    ) -> list[Any]:
-        """The values at `path`, lists expanded and raw texts read (so neither is among them)."""
-        nodes: list[Any] | None = known.get(path)
-        if nodes is None:
-            nodes = []
-            if not path:
-                _expand(root, nodes)
-            else:
-                key = path[-1]
-                for parent in self._nodes(root, path[:-1], known):
-                    for child in self._children(parent, key):
-                        _expand(child, nodes)
-            known[path] = nodes
-        return nodes
-
-    def _children(self, value: Any, key: str) -> Iterable[Any]:
-        if isinstance(value, dict):
-            if key == ANY_KEY:
-                return value.values()
-            return (value[key],) if key in value else ()
-        if isinstance(value, msgspec.Struct):
-            attribute = self._fields[type(value)].get(key)
-            child = msgspec.UNSET if attribute is None else getattr(value, attribute)
-            return () if child is msgspec.UNSET else (child,)
-        return ()
 
     def _type(self, node: _Trie, at: tuple[str, ...]) -> Any:
         """The type decoding what the paths below `node` need of a value."""
@@ -99,12 +62,39 @@ class PathReader:
             "At_" + "_".join(at) if at else "Event",
             fields,
             rename=dict(zip(attributes, keys, strict=True)),
+            namespace={"attributes": dict(zip(keys, attributes, strict=True))},
         )
-        self._fields[struct] = dict(zip(keys, attributes, strict=True))
         # Paths are walked through list elements at any depth: a list nested in a list is
         # read whole (rare), other values are decoded only to be passed over.
         element = struct | list[msgspec.Raw] | None | bool | int | float | str
         return struct | list[element] | None | bool | int | float | str  # type: ignore[valid-type]
+
+
+def root_nodes(event: Any) -> list[Any]:
+    """What the paths start from: an event as `PathReader.read` gives it, or the parsed event."""
+    nodes: list[Any] = []
+    _expand(event, nodes)
+    return nodes
+
+
+def children(nodes: list[Any], key: str) -> list[Any]:
+    """The values at `key` below each of `nodes` (from `root_nodes` or an earlier `children`):
+    what `paths.walk` yields one segment further, lists expanded, raw texts read, no nulls."""
+    found: list[Any] = []
+    for node in nodes:
+        if isinstance(node, dict):
+            if key == ANY_KEY:
+                for child in node.values():
+                    _expand(child, found)
+            elif key in node:
+                _expand(node[key], found)
+        elif isinstance(node, msgspec.Struct):
+            # Decoded types read no `*` key: a value whose keys are all needed is a raw text.
+            attribute = type(node).attributes.get(key)  # type: ignore[attr-defined]
+            child = msgspec.UNSET if attribute is None else getattr(node, attribute)
+            if child is not msgspec.UNSET:
+                _expand(child, found)
+    return found
 
 
 def _expand(value: Any, into: list[Any]) -> None:
@@ -114,5 +104,5 @@ def _expand(value: Any, into: list[Any]) -> None:
     if isinstance(value, list):
         for element in value:
             _expand(element, into)
-    else:
+    elif value is not None:
         into.append(value)

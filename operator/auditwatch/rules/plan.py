@@ -10,12 +10,15 @@ work a batch really needs, not with the number of alerts:
   are computed once per batch, not once per alert. A node that runs per row remembers which
   rows it has answered, so each row is tested at most once per batch, and only when some alert
   still needs it.
-- **Paths walked once.** A field without a column (`requestObject.spec.containers[*]...`) is read
-  from the raw event once per batch and row for every leaf on that path, and only for the rows
-  that passed the cheap operands before it (the `and` / `or` narrowing of `evaluate.py`). The
-  event text is not parsed whole: the plan compiles every path its alerts read into one
-  `extract.PathReader`, which decodes just those keys (about 1 µs against 15-30 for the whole
-  event), and paths sharing a prefix walk it once per row.
+- **Paths walked once, leaves tested per value.** A field without a column
+  (`requestObject.spec.containers[*]...`) is read from the raw event once per batch and row for
+  every leaf on that path, and only for the rows that passed the cheap operands before it (the
+  `and` / `or` narrowing of `evaluate.py`). The event text is not parsed whole: the plan
+  compiles every path its alerts read into one `extract.PathReader`, which decodes just those
+  keys (about 1 µs against 15-30 for the whole event). The values at a path are gathered for
+  all the rows asked at once, one segment after the other from its parent path's, so a row
+  without `requestObject.spec` drops out there and costs nothing to the dozens of leaves below
+  it; a leaf then tests the values there are (`evaluate._Context.path_values`).
 - **Guard index.** The equality guards implied by an alert's top-level conjunction on the
   columns of `GUARD_COLUMNS` (`verb = "create"`, `objectRef.resource in (...)`,
   `not objectRef.subresource exists`, `stage = ...`, `objectRef.namespace = ...`; one level of
@@ -23,11 +26,13 @@ work a batch really needs, not with the number of alerts:
   is grouped by those columns' values once; each distinct value tuple finds, by dictionary
   lookups, the alerts whose guards accept it, and an alert is evaluated only on the rows of the
   groups it was found for. An alert no group finds costs nothing. Guard operands the index
-  applies exactly are left out of what remains to evaluate.
-- **Bitsets per alert.** What remains of an alert is its other top-level operands, each a shared
-  node. Their results are combined per alert as Python integers (bit i: row i), where `&`
-  costs 0.05 µs against 2 µs for a pyarrow call on 400 rows; the operands with per-row work
-  run in steps, each node once per step on the union of the rows its alerts still need.
+  applies exactly are left out of what remains to evaluate. The alerts a value tuple finds
+  are remembered across batches: the same tuples come back batch after batch.
+- **Row sets as integers.** What remains of an alert is its other top-level operands, each a
+  shared node. Nodes take and give row sets as Python integers (`evaluate.Rows`, bit i: row i),
+  where `&` costs 0.05 µs against 2-5 µs for a pyarrow call on a 400-row mask; the operands
+  with per-row work run in steps, each node once per step on the union of the rows its alerts
+  still need.
 
 The result equals evaluating every alert on every event (`evaluate.compile_rule`, and
 `reference.matches` per event): `tests/test_rules_plan.py` checks it on generated rules and events.
@@ -57,18 +62,19 @@ from operator import itemgetter
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from auditwatch import paths
 from auditwatch.normalise import EventBatch
 from auditwatch.rules.ast import And, Compare, Exists, Expr, Field, Not, Op, Or
 from auditwatch.rules.evaluate import (
     VECTORISED,
+    Rows,
     _AnnotationLeaf,
     _compile,
     _Context,
     _EventLeaf,
     _Node,
+    row_numbers,
 )
 from auditwatch.rules.extract import PathReader
 from auditwatch.rules.window import GroupedRows, group_rows
@@ -87,6 +93,10 @@ NAMESPACE = Field(("objectRef", "namespace"))
 MAX_KEYS_PER_ALERT = 256
 """Guard value combinations an alert may put in the index; beyond it, the columns with the most
 values are left to the evaluation (a `verb not in` spelled as a long `in`, say)."""
+
+MAX_REMEMBERED_KEYS = 65_536
+"""Distinct guard values (namespace, resource, subresource, verb, stage) a plan remembers the
+alerts of; beyond that it starts over (a cluster with that many is unusual)."""
 
 Guard = dict[str, frozenset[str | None]]
 """Column -> the values an event may have there (None: no value); a missing column: any."""
@@ -142,26 +152,18 @@ class _Shared:
     def __post_init__(self) -> None:
         self.cost = self.node.cost
 
-    def evaluate(self, ctx: _Context, rows: pa.BooleanArray | None) -> pa.BooleanArray:
-        entry = ctx.memo.get(self.slot)
-        if self.node.cost == VECTORISED:
-            if entry is None:
-                entry = ctx.memo[self.slot] = self.node.evaluate(ctx, None)
-            result: pa.BooleanArray = entry
-            return result
-        if entry is None:
-            values = self.node.evaluate(ctx, rows)
-            ctx.memo[self.slot] = (rows, values)
-            return values
-        done, values = entry
-        if done is None:
-            return values
-        need = pc.invert(done) if rows is None else pc.and_not(rows, done)
-        if need.true_count == 0:
-            return values
-        values = pc.if_else(need, self.node.evaluate(ctx, need), values)
-        ctx.memo[self.slot] = (None if rows is None else pc.or_(done, need), values)
-        return values
+    def evaluate(self, ctx: _Context, rows: Rows) -> Rows:
+        if self.cost == VECTORISED:
+            found: Rows | None = ctx.memo.get(self.slot)
+            if found is None:
+                found = ctx.memo[self.slot] = self.node.evaluate(ctx, ctx.all_rows)
+            return found & rows
+        done, found = ctx.memo.get(self.slot, (0, 0))
+        need = rows & ~done
+        if need:
+            found |= self.node.evaluate(ctx, need)
+            ctx.memo[self.slot] = (done | need, found)
+        return found & rows
 
 
 @dataclass
@@ -224,6 +226,9 @@ class StreamPlan:
                     if not found or found[-1] != number:
                         found.append(number)
         self._index = [(itemgetter(*positions), index) for positions, index in shapes.items()]
+        self._alerts_by_key: dict[tuple[str | None, ...], tuple[int, ...]] = {}
+        """Guard columns' values -> the alerts the index finds for them. The same values come
+        back batch after batch, so each is looked up in every shape of the index once."""
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -236,13 +241,12 @@ class StreamPlan:
         ctx = _Context(batch, self._reader)
         live = self._candidates(ctx) if len(batch) else {}
         errors: dict[int, Exception] = {}
-        whole: dict[int, int] = {}
         steps: dict[int, list[_Shared]] = {}
         for number, rows in live.items():
             entry = self._entries[number]
             try:
                 for node in entry.cheap:
-                    rows &= _whole(node, ctx, whole)
+                    rows = node.evaluate(ctx, rows)
                     if not rows:
                         break
             except Exception as error:  # one alert's failure must not fail the others
@@ -270,7 +274,7 @@ class StreamPlan:
                 continue
             rows, exempt = live[number], excepted.get(number, 0)
             if rows or exempt:
-                indices = pc.indices_nonzero(_mask(rows, ctx.size)) if rows else _EMPTY_ROWS
+                indices = pa.array(row_numbers(rows), pa.int64()) if rows else _EMPTY_ROWS
                 group_by = self._entries[number].group_by
                 groups = (
                     group_rows(ctx.column, indices, group_by)
@@ -301,7 +305,7 @@ class StreamPlan:
             answers: dict[int, int | Exception] = {}
             for slot, node in nodes.items():
                 try:
-                    answers[slot] = _bits(node.evaluate(ctx, _mask(union[slot], ctx.size)))
+                    answers[slot] = node.evaluate(ctx, union[slot])
                 except Exception as error:  # fails the alerts that need it, not the others
                     answers[slot] = error
             for number, remaining in list(steps.items()):
@@ -315,7 +319,7 @@ class StreamPlan:
 
     def _candidates(self, ctx: _Context) -> dict[int, int]:
         """Alert -> the rows its guards accept, as a bitset; alerts with none are absent."""
-        found = dict.fromkeys(self._unguarded, (1 << ctx.size) - 1)
+        found = dict.fromkeys(self._unguarded, ctx.all_rows)
         if not self._index:
             return found
         # Grouping 400 rows in Python costs less than one Arrow group_by (its set-up alone).
@@ -324,36 +328,27 @@ class StreamPlan:
         for row, key in enumerate(zip(*values, strict=True)):
             groups[key] = groups.get(key, 0) | (1 << row)
         hits: dict[int, int] = {}
+        known = self._alerts_by_key
         for key, rows in groups.items():
-            for getter, index in self._index:
-                for number in index.get(getter(key), ()):
-                    hits[number] = hits.get(number, 0) | rows
+            numbers = known.get(key)
+            if numbers is None:
+                numbers = self._look_up(key)
+            for number in numbers:
+                hits[number] = hits.get(number, 0) | rows
         for number, rows in hits.items():
             if number not in found:
                 found[number] = rows
         return found
 
-
-def _whole(node: _Shared, ctx: _Context, known: dict[int, int]) -> int:
-    """A vectorised node's result on the whole batch as a bitset, once per batch."""
-    bits = known.get(node.slot)
-    if bits is None:
-        bits = known[node.slot] = _bits(node.evaluate(ctx, None))
-    return bits
-
-
-def _bits(mask: pa.BooleanArray) -> int:
-    """A row mask as a Python int, bit i for row i: `&` on it costs 0.05 µs, `pc.and_` 2 µs."""
-    if mask.null_count:
-        mask = pc.and_kleene(mask, pc.is_valid(mask))
-    value: int = int.from_bytes(mask.buffers()[1], "little") >> mask.offset
-    return value & ((1 << len(mask)) - 1)
-
-
-def _mask(bits: int, size: int) -> pa.BooleanArray:
-    data = pa.py_buffer(bits.to_bytes((size + 7) // 8, "little"))
-    mask: pa.BooleanArray = pa.Array.from_buffers(pa.bool_(), size, [None, data])
-    return mask
+    def _look_up(self, key: tuple[str | None, ...]) -> tuple[int, ...]:
+        """The alerts whose guards accept guard columns' values `key`, remembered."""
+        if len(self._alerts_by_key) >= MAX_REMEMBERED_KEYS:
+            self._alerts_by_key.clear()
+        numbers = dict.fromkeys(
+            number for getter, index in self._index for number in index.get(getter(key), ())
+        )
+        found = self._alerts_by_key[key] = tuple(numbers)
+        return found
 
 
 def _entry(alert: PlanAlert, compiler: _Compiler) -> _Entry:
@@ -377,7 +372,9 @@ def _guards(operands: list[Expr]) -> tuple[tuple[Guard, ...], list[Expr]]:
 
     An operand that is a guard is dropped from the rest when the index applies it exactly;
     an `or` whose every branch has guards splits the alert into one alternative per branch (the
-    `or` itself stays in the rest: the branches' other operands still count).
+    `or` itself stays in the rest when the branches have other operands, which still count; made
+    of guards alone, as the workload detections' `(resource = "pods" and verb = "create" and
+    not subresource exists) or (...)` are, it is dropped too).
     """
     base: Guard = {}
     by_column: dict[str, list[Expr]] = {}
@@ -391,15 +388,19 @@ def _guards(operands: list[Expr]) -> tuple[tuple[Guard, ...], list[Expr]]:
         base[column] = base[column] & values if column in base else values
         by_column.setdefault(column, []).append(operand)
     alternatives = [base]
+    split: Expr | None = None
     for operand in rest:
         branches = _branch_guards(operand)
         if branches is not None:
             alternatives = [_intersect(base, branch) for branch in branches]
+            split = operand
             break
     alternatives = [guard for guard in alternatives if all(guard.values())]
     inexact = _limit(alternatives)
     for column in inexact:
         rest.extend(by_column.get(column, ()))
+    if split is not None and not inexact and _only_guards(split):
+        rest.remove(split)
     return tuple(alternatives), rest
 
 
@@ -441,6 +442,16 @@ def _branch_guards(operand: Expr) -> list[Guard] | None:
             return None
         branches.append(guard)
     return branches
+
+
+def _only_guards(operand: Expr) -> bool:
+    """Whether every conjunct of every branch of the `or` `operand` is a guard."""
+    assert isinstance(operand, Or)
+    return all(
+        _guard(conjunct) is not None
+        for branch in operand.operands
+        for conjunct in (branch.operands if isinstance(branch, And) else (branch,))
+    )
 
 
 def _intersect(base: Guard, other: Guard) -> Guard:
