@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from tests.fake_kubelet import FakeKubelet  # noqa: E402
 from tests.realcluster import (  # noqa: E402
+    CONTROLLER_TOKENS,
     OPERATOR_NAMESPACE,
     Cluster,
     User,
@@ -87,11 +88,13 @@ class Api:
     """Raw HTTPS calls to the apiserver with one bearer token, as a controller's client makes
     them (one keep-alive connection; watches on connections of their own)."""
 
-    def __init__(self, cluster: Cluster, token: str) -> None:
+    def __init__(self, cluster: Cluster, token: str, forwarded_for: str | None = None) -> None:
         host, port = cluster.server.removeprefix("https://").rsplit(":", 1)
         self.address = (host, int(port))
         self.context = ssl.create_default_context(cadata=cluster.ca.pem.decode())
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        if forwarded_for is not None:  # the apiserver records it in sourceIPs, first
+            self.headers["X-Forwarded-For"] = forwarded_for
         self.connection = self._connect()
         self.lock = threading.Lock()
 
@@ -694,6 +697,25 @@ spec:
 """No node matches its selector: the DaemonSet is created, no pod is."""
 
 
+ROOT_DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: toolbox, namespace: shop}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: toolbox}}
+  template:
+    metadata: {labels: {app: toolbox}}
+    spec:
+      securityContext: {runAsUser: 0}
+      containers: [{name: toolbox, image: busybox, command: [sleep, "3600"]}]
+"""
+"""Its ReplicaSet and pod, which the controllers create from the template, are not reported."""
+
+PUBLIC_ADDRESS = "203.0.113.50"
+"""Where the stolen scheduler token is used from, as a proxy in front of the apiserver would
+forward it (X-Forwarded-For): the apiserver itself only ever sees 127.0.0.1 here."""
+
 TOKEN_SECRET = """
 apiVersion: v1
 kind: Secret
@@ -810,6 +832,12 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         connection.request("GET", "/api/v1/namespaces/shop/pods")
         connection.getresponse().read()
 
+    def stolen_scheduler_token_from_outside() -> None:
+        """The kube-scheduler's credential, used from a public address: it may list every
+        pod of the cluster."""
+        token = CONTROLLER_TOKENS["kube-scheduler"][0]
+        Api(cluster, token, forwarded_for=PUBLIC_ADDRESS).call("GET", "/api/v1/pods")
+
     def copy_out() -> None:
         """kubectl cp from the pod: an exec of `tar cf - /etc/hostname`."""
         target = cluster.root / "copied-hostname"
@@ -917,6 +945,8 @@ def attacks(cluster: Cluster) -> list[tuple[str, Callable[[], object]]]:
         ),
         ("CronJob created", lambda: mallory("apply", "-f", "-", input=CRONJOB)),
         ("DaemonSet created", lambda: mallory("apply", "-f", "-", input=DAEMONSET)),
+        ("Deployment running as root", lambda: mallory("apply", "-f", "-", input=ROOT_DEPLOYMENT)),
+        ("scheduler token used from a public address", stolen_scheduler_token_from_outside),
         (
             "pod adding SYS_ADMIN",
             lambda: mallory(

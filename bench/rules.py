@@ -9,7 +9,7 @@ name, code and auditID), then reports events/s for:
   - auditwatch's decode_body + normalise of those bytes (the general path), and the fast path
     (columnar.batch_from_json) over the same events as JSON arrays,
   - evaluating 1, 10 and 100 Parseable-style rules over the decoded batches,
-  - evaluating the detection library (examples/detections, 40 alerts) plus tenants' copies, up to
+  - evaluating the detection library (examples/detections, 42 alerts) plus tenants' copies, up to
     5,000 alerts, on 400-event batches (the apiserver's): one alert at a time (`compile_rule`,
     as before the stream plan) and all of a stream's alerts at once (`rules.plan.StreamPlan`).
 Everything runs in this one process on one core (pyarrow's thread pool is limited to 1).

@@ -10,6 +10,7 @@ event (the language's meaning); they must agree on every event.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -200,6 +201,31 @@ HAND_WRITTEN = {
     "secret-updated-by-developer": "aa527f5a-867c-5e23-91b1-fa01121dd396",
     "eks-token-secret-filled": "97177b6e-ebaf-5d1f-a73a-4f14427d3933",
     "aks-token-secret-filled": "a3a3b185-289d-5bf3-88d9-a50a2e2d68b9",
+    # peers.jsonl and aks-peers.jsonl: system principals by address, containers as root
+    "node-credential-from-public-ip": "15abcf1c-f4a8-542f-9c5c-35d6f3215e3d",
+    "node-credential-from-private-ip": "d6a9b43a-8582-5094-97fb-b18760533c5c",
+    "scheduler-forwarded-for-public-ip": "614e64da-127b-581c-9de6-449a9f4b6bc9",
+    "controller-manager-from-public-ipv6": "9b982e4f-210e-5312-97ea-c91cd759da4b",
+    "bootstrap-token-from-ipv4-mapped-public-ip": "c1ca50cc-9f6e-5d1a-9fa1-43929bb6c106",
+    "kube-system-sa-from-cgnat-and-link-local": "3133cb16-3ce8-556c-ad80-e15e99800e69",
+    "kube-system-sa-from-ipv6-unique-local": "1b8e78a5-a271-58f4-b7ae-57a5ec650ca3",
+    "lookalike-kube-system-sa-from-public-ip": "7ee84be4-8c1f-5a81-b49b-50154484d813",
+    "kube-proxy-from-172-32": "96e5e43e-7c2e-5662-a7b6-fbff9d343533",
+    "eks-node-credential-from-public-ip": "0f84bb90-9be5-5755-8a99-161714946ce5",
+    "eks-node-from-private-ip": "79010797-843d-5458-9008-03ef19c8a966",
+    "aks-kube-system-sa-from-public-ip": "7e8954f1-f182-5c47-a6c2-52d87a03cbcf",
+    "aks-node-from-private-ip": "69815964-a5c7-50f7-bcba-584b6fdb83e5",
+    "pod-run-as-user-0": "2e5183e0-2031-52b9-ba3e-b1a832b358eb",
+    "pod-run-as-user-1000": "06576be4-8a4b-5290-884b-623373ec7295",
+    "pod-run-as-user-0-dry-run": "fa593c15-8ffb-5cf5-ab31-ebc1deef363f",
+    "deployment-run-as-non-root-false-patched": "a7fcdc22-d774-5498-bf8c-5c3eb9f2951f",
+    "pod-debug-ephemeral-container-as-root": "b3b12564-08f5-5307-a11a-72094e7c7f44",
+    "pod-run-as-root-by-replicaset-controller": "2f4dd654-f043-554e-b44e-af0f7be30860",
+    "pod-run-as-root-by-stolen-replicaset-controller-token": "5417d65e-8bae-5f37-a73c-f35088fe80b6",
+    "replicaset-run-as-root-by-deployment-controller": "140bed00-8733-57d1-b066-d0331f4f7009",
+    "eks-job-init-container-run-as-root": "8696cdb9-a91f-5ad2-8802-d87c84f9ef63",
+    "aks-cronjob-run-as-root": "1a50d196-814f-5807-8cc7-5d1886312679",
+    "aks-deployment-run-as-non-root": "888d7529-80eb-5333-a7ba-a0baf61c2258",
 }
 """The auditIDs of tests/detection_events/, by what each event is (tests name events this way)."""
 
@@ -452,6 +478,7 @@ def test_secret_read_denied() -> None:
             "anonymous-list-secrets-forbidden",
             "secret-get-denied-for-developer",
             "gke-logentry-secret-denied",  # GKE sends no stage
+            "scheduler-forwarded-for-public-ip",
         ],
         silent=["secret-get-not-found", "secret-get-by-developer", RECON_EVENTS_LIST_403],
     )
@@ -824,6 +851,7 @@ def test_request_denied_burst() -> None:
             "cronjob-create-forbidden",
             "token-request-forbidden",
             "gke-logentry-secret-denied",
+            "scheduler-forwarded-for-public-ip",
         ],
         silent=[
             "pod-privileged-denied-by-pod-security",  # 403 with decision "allow"
@@ -895,7 +923,11 @@ def test_request_denied_burst_fires_per_user_within_a_minute() -> None:
 def test_deployment_created_deleted() -> None:
     expect(
         "k8s-deployment-created-deleted",
-        fires=["deployment-created-unprivileged", "deployment-deleted"],
+        fires=[
+            "deployment-created-unprivileged",
+            "deployment-deleted",
+            "aks-deployment-run-as-non-root",
+        ],
         silent=[
             "deployment-created-dry-run",
             "deployment-create-already-exists",
@@ -1054,6 +1086,7 @@ def test_cronjob_created_modified() -> None:
             "cronjob-host-pid",
             "eks-cronjob-patched",
             "aks-cronjob-created",
+            "aks-cronjob-run-as-root",
             "gke-logentry-cronjob-created",
         ],
         silent=[
@@ -1186,5 +1219,139 @@ def test_serviceaccount_token_secret() -> None:
             "token-secret-created-by-token-controller",  # its own, before Kubernetes 1.24
             "secret-updated-by-developer",
             "sa-token-secret-created-by-developer",  # the creation: k8s-secret-created-deleted
+        ],
+    )
+
+
+SYSTEM_PRINCIPALS_PRIVATE = [  # nodes, controllers and kube-system accounts at home
+    "secret-get-by-kubelet",
+    "secret-get-by-controller-manager",
+    "pod-kube-system-by-daemonset-controller",
+    "pod-binding-by-scheduler-kube-system",
+    "csr-kubelet-client-by-bootstrap",
+    "aks-token-secret-filled",  # 10.224.0.4
+    "node-credential-from-private-ip",
+    "eks-node-from-private-ip",
+    "aks-node-from-private-ip",
+    "kube-system-sa-from-cgnat-and-link-local",  # 100.64/10, 169.254/16
+    "kube-system-sa-from-ipv6-unique-local",  # fc00::/7, fe80::/10
+    "gke-logentry-node-from-gce-internal-ip",  # GKE names internal callers, not an address
+]
+
+
+def test_system_principal_public_ip() -> None:
+    expect(
+        "k8s-system-principal-public-ip",
+        fires=[
+            "node-credential-from-public-ip",
+            "pod-kube-system-by-stolen-controller-token",  # replicaset-controller, 198.51.100.77
+            "scheduler-forwarded-for-public-ip",  # X-Forwarded-For before 127.0.0.1; refused too
+            "controller-manager-from-public-ipv6",
+            "bootstrap-token-from-ipv4-mapped-public-ip",
+            "kube-proxy-from-172-32",  # outside 172.16/12
+            "eks-node-credential-from-public-ip",  # its RequestReceived stage must not count twice
+            "aks-kube-system-sa-from-public-ip",
+            "gke-logentry-node-from-public-ip",
+        ],
+        silent=[
+            *SYSTEM_PRINCIPALS_PRIVATE,
+            "lookalike-kube-system-sa-from-public-ip",  # kube-systemx is another namespace
+            "eks-secret-list-all",  # a person from a public address: not a system principal
+            "anonymous-list-pods-allowed",  # system:anonymous: k8s-anonymous-request-allowed's
+        ],
+    )
+
+
+def address_is_public(text: str) -> bool:
+    """The detection's meaning of "public", by the ipaddress module: an IP address outside
+    loopback, RFC 1918, CGNAT, link-local, unique-local, and their IPv4-mapped forms."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    private = PRIVATE_V4 if isinstance(address, ipaddress.IPv4Address) else PRIVATE_V6
+    return not any(address in network for network in private)
+
+
+PRIVATE_V4 = [
+    ipaddress.IPv4Network(n)
+    for n in ("127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10")
+] + [ipaddress.IPv4Network("169.254.0.0/16")]
+PRIVATE_V6 = [ipaddress.IPv6Network(n) for n in ("::1/128", "fc00::/7", "fe80::/10")]
+IPV6_SAMPLES = [
+    "::1",
+    "fc00::1",
+    "fd12:3456:789a::1",
+    "FD00::5",  # upper case
+    "fe80::1",
+    "febf:ffff::1",
+    "fec0::1",  # deprecated site-local: outside fe80::/10
+    "fe7f::1",
+    "fbff::1",
+    "ff02::1",
+    "fc0::1",  # 0fc0::, not fc00::
+    "2001:db8::7",
+    "2a00:1450:4001:829::200e",
+    "64:ff9b::198.51.100.7",  # NAT64
+    "::ffff:10.1.2.3",
+    "::ffff:172.31.0.1",
+    "::ffff:8.8.8.8",
+    "::FFFF:198.51.100.7",
+]
+NOT_ADDRESSES = ["gce-internal-ip", "private", "", "256.1.2.3", "1.2.3", "10.0.0.1.5", "x1.2.3.4"]
+
+
+def test_system_principal_public_ip_regex_agrees_with_the_ipaddress_module() -> None:
+    """Every IPv4 /16 at its lowest and highest address, canonical IPv6 samples around each
+    private range, and strings that are not addresses: the rule reports exactly the public
+    ones, through both evaluators. Limits, documented: IPv6 written from `::` counts only as
+    `::ffff:` plus a public IPv4 (`::`, `::1` and the deprecated `::a.b.c.d` do not), and a
+    malformed text of hex digits, dots and colons after a public first group counts."""
+    v4 = [f"{a}.{b}.{c}" for a in range(256) for b in range(256) for c in ("0.0", "255.255")]
+    samples = v4 + IPV6_SAMPLES + NOT_ADDRESSES
+    condition = detections()["k8s-system-principal-public-ip"].rule.condition
+    events = [
+        {
+            "auditID": str(index),
+            "stage": "ResponseComplete",
+            "verb": "get",
+            "user": {"username": "system:node:worker-1"},
+            "sourceIPs": [text],
+        }
+        for index, text in enumerate(samples)
+    ]
+    vectorised = compile_rule(condition).evaluate(normalise(events, datetime.now(UTC)))
+    assert vectorised.to_pylist() == [address_is_public(text) for text in samples]
+    sample = v4[::997] + IPV6_SAMPLES + NOT_ADDRESSES
+    assert [matches(condition, e) for e in events if e["sourceIPs"][0] in sample] == [
+        address_is_public(text) for text in samples if text in sample
+    ]
+
+
+def test_container_run_as_root() -> None:
+    """Pods and ReplicaSets/Jobs that the workload controllers create from a template (their
+    own ServiceAccount, a controller ownerReference) are not reported again; the same account
+    creating a pod of its own is."""
+    expect(
+        "k8s-container-run-as-root",
+        fires=[
+            "pod-run-as-user-0",
+            "deployment-run-as-non-root-false-patched",
+            "pod-debug-ephemeral-container-as-root",
+            "pod-run-as-root-by-stolen-replicaset-controller-token",
+            "eks-job-init-container-run-as-root",  # its RequestReceived stage must not count twice
+            "aks-cronjob-run-as-root",
+            "gke-logentry-statefulset-run-as-root",
+        ],
+        silent=[
+            "pod-run-as-root-by-replicaset-controller",
+            "replicaset-run-as-root-by-deployment-controller",
+            "pod-run-as-user-1000",  # runAsGroup 0 and fsGroup 0 are not the root user
+            "pod-run-as-user-0-dry-run",
+            "aks-deployment-run-as-non-root",
+            "pod-created-unprivileged",
+            SEKOIA_PRIVILEGED_POD,  # no runAsUser: the image decides, the log cannot tell
         ],
     )

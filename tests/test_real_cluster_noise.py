@@ -20,6 +20,7 @@ from bench.noise import (
     ATTACKER,
     DETECTIONS,
     PEOPLE,
+    PUBLIC_ADDRESS,
     STREAM,
     AttackReport,
     Report,
@@ -136,3 +137,57 @@ def test_exec_and_attach_count_when_the_session_opens(
             ("get", "exec", "ResponseStarted", 101): 1,
         }
     )
+
+
+def library_rule(name: str) -> Any:
+    return build_alert(
+        yaml.safe_load((DETECTIONS / f"{name}.yaml").read_text()), lambda *_: None
+    ).rule.condition
+
+
+def test_a_control_plane_token_used_through_a_proxy_shows_the_public_address(
+    cluster: Cluster, attacks: AttackReport
+) -> None:
+    """The apiserver records X-Forwarded-For before the peer's address: the scheduler's token
+    used from a public address through a proxy is reported, once; kube-scheduler's own calls
+    from 127.0.0.1 are not."""
+    rule = library_rule("k8s-system-principal-public-ip")
+    scheduler = [
+        e
+        for e in query(cluster.root / "data", STREAM, since=attacks.since, until=attacks.until)
+        if e.get("user", {}).get("username") == "system:kube-scheduler"
+    ]
+    forwarded = [e for e in scheduler if PUBLIC_ADDRESS in e["sourceIPs"]]
+    assert [(e["sourceIPs"], e["requestURI"]) for e in forwarded] == [
+        ([PUBLIC_ADDRESS, "127.0.0.1"], "/api/v1/pods")
+    ]
+    assert len(scheduler) > len(forwarded)  # its own calls: binding pods, watching
+    assert [e for e in scheduler if matches(rule, e)] == forwarded
+    assert attacks.new_matches["k8s-system-principal-public-ip"] == 1, attacks.table
+
+
+def test_a_root_deployment_is_reported_once_not_per_replicaset_and_pod(
+    cluster: Cluster, attacks: AttackReport
+) -> None:
+    """The controllers copy the Deployment's root template into a ReplicaSet and a pod (with
+    a controller ownerReference, as their own ServiceAccounts): only the Deployment counts."""
+    rule = library_rule("k8s-container-run-as-root")
+
+    def name(event: dict[str, Any]) -> str:
+        metadata = event.get("requestObject", {}).get("metadata", {})
+        return str(metadata.get("name") or metadata.get("generateName"))
+
+    toolbox = [
+        e
+        for e in query(cluster.root / "data", STREAM, since=attacks.since, until=attacks.until)
+        if e["verb"] == "create"
+        and e.get("objectRef", {}).get("namespace") == "shop"
+        and name(e).startswith("toolbox")
+    ]
+    assert Counter((e["objectRef"]["resource"], e["user"]["username"]) for e in toolbox) == {
+        ("deployments", ATTACKER.name): 1,
+        ("replicasets", "system:serviceaccount:kube-system:deployment-controller"): 1,
+        ("pods", "system:serviceaccount:kube-system:replicaset-controller"): 1,
+    }
+    assert [e["objectRef"]["resource"] for e in toolbox if matches(rule, e)] == ["deployments"]
+    assert attacks.new_matches["k8s-container-run-as-root"] == 1, attacks.table
