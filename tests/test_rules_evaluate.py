@@ -499,6 +499,14 @@ def test_per_event_fields_are_only_read_on_rows_still_possible(read_log: LogRead
     assert counting.read == {i for i, event in enumerate(events) if event["verb"] != "create"}
 
 
+@given(numbers=st.sets(st.integers(0, 1499), max_size=200))
+def test_row_sets_convert_both_ways(numbers: set[int]) -> None:
+    """A few rows are taken off one by one, more found by scanning all bits: same rows."""
+    rows = evaluate.rows_from(numbers, 1500)
+    assert evaluate.row_numbers(rows) == sorted(numbers)
+    assert evaluate.rows_of(evaluate.mask_of(rows, 1500)) == rows
+
+
 def test_empty_batch() -> None:
     result = compile_rule(cmp("verb", Op.EQ, "get")).evaluate(normalise([], RECEIVED))
     assert result.type == pa.bool_()

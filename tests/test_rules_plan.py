@@ -205,6 +205,22 @@ def test_guards_on_a_column_with_few_of_them_are_evaluated_not_indexed(
                     assert result == alone(alert, batch), (log, alert.key)
 
 
+def test_a_batch_beyond_the_kept_row_sets_is_grouped_as_any(read_log: LogReader) -> None:
+    """Batches are grouped with each row's set kept for up to 1,024 rows; a longer batch (a
+    replay from storage, say) matches as each alert alone would."""
+    events = [event for name in SAMPLE_LOGS for event in read_log(name)]
+    events = (events * (1100 // len(events) + 1))[:1100]
+    batch = from_table(normalise(events, RECEIVED).table)
+    alerts = detections()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        results = planned(StreamPlan(alerts), batch, len(alerts))
+        assert [result for result in results if result[0]]  # something matched
+        for alert, result in zip(alerts, results, strict=True):
+            assert result == alone(alert, batch), alert.key
+            assert all(row < 1100 for row in result[0])
+
+
 def test_a_scoped_alert_sees_only_its_namespace() -> None:
     events = [
         {"verb": "get", "objectRef": {"resource": "secrets", "namespace": ns}}

@@ -49,6 +49,8 @@ RE2_MAX_REPEAT = 1000
 ANNOTATIONS = "annotations"
 _BIT_FLAGS = bytes.maketrans(b"01", b"\x00\x01")
 _MENTIONS_ANNOTATIONS = f'"{ANNOTATIONS}"'.encode()
+FEW_ROWS = 32
+"""Up to this many rows, `row_numbers` takes them off one by one rather than scanning all bits."""
 DISTINCT_SHARE = 4
 """A text column is tested per distinct value when it has at most one per this many rows."""
 MAX_KNOWN_VALUES = 4096
@@ -79,7 +81,15 @@ def mask_of(rows: Rows, size: int) -> pa.BooleanArray:
 
 
 def row_numbers(rows: Rows) -> list[int]:
-    """The rows of `rows`, ascending (all in C: 5 µs for 400 rows, a Python loop costs 35)."""
+    """The rows of `rows`, ascending: a few taken off one by one (0.1 µs each: a batch's
+    matches, mostly), more found all in C (5 µs for 400 rows, a Python loop costs 35)."""
+    if rows.bit_count() <= FEW_ROWS:
+        numbers = []
+        while rows:
+            lowest = rows & -rows
+            numbers.append(lowest.bit_length() - 1)
+            rows ^= lowest
+        return numbers
     flags = bin(rows)[:1:-1].encode().translate(_BIT_FLAGS)  # bit 0 first, as bytes 0 / 1
     return list(itertools.compress(itertools.count(), flags))
 
@@ -240,6 +250,8 @@ class _PathTest:
         once per value there is, rows without any cost nothing."""
         test = self.test
         found = ctx.path_values(self.path, rows)
+        if not found:  # most leaves, most batches: the rows asked lack the path
+            return 0
         return rows_from((row for row, values in found.items() if any(map(test, values))), ctx.size)
 
 
