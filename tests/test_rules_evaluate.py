@@ -507,6 +507,20 @@ def test_row_sets_convert_both_ways(numbers: set[int]) -> None:
     assert evaluate.rows_of(evaluate.mask_of(rows, 1500)) == rows
 
 
+@given(
+    flags=st.lists(st.one_of(st.booleans(), st.none()), max_size=80),
+    start=st.integers(0, 80),
+    length=st.integers(0, 80),
+)
+def test_a_mask_as_rows_reads_null_as_false(
+    flags: list[bool | None], start: int, length: int
+) -> None:
+    """Slices of a mask with nulls (what kernels give on columns with nulls) as row sets."""
+    mask = pa.array(flags, pa.bool_()).slice(start, length)
+    expected = [row for row, flag in enumerate(mask.to_pylist()) if flag]
+    assert evaluate.row_numbers(evaluate.rows_of(mask)) == expected
+
+
 def test_empty_batch() -> None:
     result = compile_rule(cmp("verb", Op.EQ, "get")).evaluate(normalise([], RECEIVED))
     assert result.type == pa.bool_()

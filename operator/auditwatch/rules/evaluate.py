@@ -67,10 +67,14 @@ Rows = int
 
 
 def rows_of(mask: pa.BooleanArray) -> Rows:
-    """The rows where `mask` is true (null: false), in 0.3 µs for 400 rows."""
-    mask = _false_where_null(mask)
-    value: int = int.from_bytes(mask.buffers()[1], "little") >> mask.offset
-    return value & ((1 << len(mask)) - 1)
+    """The rows where `mask` is true (null: false), in 0.3 µs for 400 rows; a null is read off
+    the validity bitmap, not with two kernels (4 µs)."""
+    validity, data = mask.buffers()
+    value = int.from_bytes(data, "little")
+    if mask.null_count:
+        value &= int.from_bytes(validity, "little")
+    offset: int = mask.offset
+    return value >> offset & ((1 << len(mask)) - 1)
 
 
 def mask_of(rows: Rows, size: int) -> pa.BooleanArray:
