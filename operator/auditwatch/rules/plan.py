@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -284,7 +285,7 @@ class StreamPlan:
                 continue
             rows, exempt = live[number], excepted.get(number, 0)
             if rows or exempt:
-                indices = pa.array(row_numbers(rows), pa.int64()) if rows else _EMPTY_ROWS
+                indices = _indices(row_numbers(rows)) if rows else _EMPTY_ROWS
                 group_by = self._entries[number].group_by
                 groups = (
                     group_rows(ctx.column, indices, group_by)
@@ -359,6 +360,14 @@ class StreamPlan:
         )
         found = self._alerts_by_key[key] = tuple(numbers)
         return found
+
+
+def _indices(numbers: list[int]) -> pa.Int64Array:
+    """Row numbers as an Arrow array, from their machine integers: 1.6 µs against 3.5 for
+    `pa.array` converting each Python int (a batch has a result per alert it set off)."""
+    data = pa.py_buffer(array("q", numbers))
+    indices: pa.Int64Array = pa.Array.from_buffers(pa.int64(), len(numbers), [None, data])
+    return indices
 
 
 _ROW_BITS = [1 << row for row in range(1024)]
