@@ -15,7 +15,7 @@ Every answer equals `reference.matches` on each event; this module only makes it
 - a costly text comparison (a regex, a substring: RE2 compiles its pattern on every call; any
   comparison ignoring case) on a column with few distinct values in the batch tests each
   distinct value once with the exact per-value test, and each leaf remembers its answers
-  across batches: users, agents and stages come back batch after batch;
+  across batches: users, agents and request URIs come back batch after batch;
 - where a kernel cannot give the exact language meaning (a regex RE2 cannot run with Python's
   semantics, case-insensitive text outside ASCII), those rows alone go through the per-value test.
 """
@@ -177,7 +177,7 @@ class _Context:
             no_map = row_numbers(rows_of(pc.is_null(self.column(ANNOTATIONS))))
             found: Iterable[int] = ()
             if no_map:
-                # `bytes.find` over each row's span, mapped in C: 65 µs for 240 rows of 1.8 KiB
+                # `bytes.find` over each row's span, mapped in C: 65 µs for 240 rows of 1 KiB
                 # where `re.search` row by row took 115 (the copy to bytes costs 10).
                 offsets, data = _text_buffers(self.column(EVENT_JSON))
                 text = bytes(data)
@@ -685,8 +685,8 @@ class _ColumnLeaf:
         return found & ~redo | rows_from(redone, ctx.size)
 
     def _by_value(self, values: list[str], positions: pa.Array) -> Rows:
-        """The rows whose value passes the test, each distinct value tested once ever (most
-        tests pass no value of a batch, and then cost no pyarrow call)."""
+        """The rows whose value passes the test, each distinct value tested once while its
+        answer is kept (most tests pass no value of a batch, and then cost no pyarrow call)."""
         known = self.known
         if len(known) + len(values) > MAX_KNOWN_VALUES:
             known.clear()
