@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from auditwatch.normalise import EventBatch, from_table, normalise
-from auditwatch.rules import reference
+from auditwatch.rules import evaluate, reference
 from auditwatch.rules.ast import (
     SET_OPS,
     Compare,
@@ -31,7 +31,7 @@ from auditwatch.rules.ast import (
     conjunction,
     disjunction,
 )
-from auditwatch.rules.evaluate import compile_rule
+from auditwatch.rules.evaluate import DISTINCT_SHARE, compile_rule
 from auditwatch.rules.parse import parse_expression
 
 RECEIVED = datetime(2025, 1, 1, tzinfo=UTC)
@@ -311,6 +311,43 @@ def test_regex_beyond_re2_keeps_python_semantics(read_log: LogReader) -> None:
     assert both(cmp("user.username", Op.REGEX, "(admin$|x)\n"), users) == [False, True, False]
 
 
+@pytest.mark.parametrize("limit", [evaluate.MAX_KNOWN_VALUES, 5])
+def test_text_tested_per_distinct_value_keeps_flags_and_case_apart(
+    monkeypatch: pytest.MonkeyPatch, limit: int
+) -> None:
+    """Leaves differing only in case sensitivity or a pattern's flags remember their answers
+    per distinct value separately, batch after batch, and start over at MAX_KNOWN_VALUES."""
+    monkeypatch.setattr(evaluate, "MAX_KNOWN_VALUES", limit)
+    uris = ["/API/v1/pods", "/api/v1/pods", "/healthz\n", "/healthz\n", "/z\nx", None]
+    events = [{"requestURI": uri, "verb": "get"} for uri in uris] * DISTINCT_SHARE
+    others = [{"requestURI": uri} for uri in ("/apis/x", "/API/", "z", "/Api/v1\nz")]
+    batches = [events, events[::-1], others * DISTINCT_SHARE, events]
+    encoded = evaluate._Context(normalise(events, RECEIVED)).distinct("requestURI")
+    assert encoded is not None and len(encoded[0]) == 4  # the per-value path is the one taken
+    rules = [
+        compile_rule(parse_expression(text))
+        for text in (
+            'requestURI ~ "^/api/"',
+            'requestURI ~ "^/api/"i',
+            'requestURI ~ "(?i)^/api/"',
+            'requestURI ~ "(?m)z$"',
+            'requestURI ~ "z$"',
+            'requestURI =% "API"',
+            'requestURI =% "API"i',
+            'requestURI !% "API"',
+            'requestURI !~ "^/api/"i',
+        )
+    ]
+    for rows in batches:
+        batch = normalise(rows, RECEIVED)
+        answers = [rule.evaluate(batch).to_pylist() for rule in rules]
+        assert answers == [reference.filter_events(rule.expr, rows) for rule in rules]
+    assert answers[0][:6] == [False, True, False, False, False, False]
+    assert answers[1][:6] == answers[2][:6] == [True, True, False, False, False, False]
+    assert answers[3][:6] == [False, False, True, True, True, False]
+    assert answers[4][:6] == [False, False, True, True, False, False]
+
+
 def test_invalid_regex_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="invalid regex"):
         compile_rule(cmp("verb", Op.REGEX, "("))
@@ -462,6 +499,28 @@ def test_per_event_fields_are_only_read_on_rows_still_possible(read_log: LogRead
     assert counting.read == {i for i, event in enumerate(events) if event["verb"] != "create"}
 
 
+@given(numbers=st.sets(st.integers(0, 1499), max_size=200))
+def test_row_sets_convert_both_ways(numbers: set[int]) -> None:
+    """A few rows are taken off one by one, more found by scanning all bits: same rows."""
+    rows = evaluate.rows_from(numbers, 1500)
+    assert evaluate.row_numbers(rows) == sorted(numbers)
+    assert evaluate.rows_of(evaluate.mask_of(rows, 1500)) == rows
+
+
+@given(
+    flags=st.lists(st.one_of(st.booleans(), st.none()), max_size=80),
+    start=st.integers(0, 80),
+    length=st.integers(0, 80),
+)
+def test_a_mask_as_rows_reads_null_as_false(
+    flags: list[bool | None], start: int, length: int
+) -> None:
+    """Slices of a mask with nulls (what kernels give on columns with nulls) as row sets."""
+    mask = pa.array(flags, pa.bool_()).slice(start, length)
+    expected = [row for row, flag in enumerate(mask.to_pylist()) if flag]
+    assert evaluate.row_numbers(evaluate.rows_of(mask)) == expected
+
+
 def test_empty_batch() -> None:
     result = compile_rule(cmp("verb", Op.EQ, "get")).evaluate(normalise([], RECEIVED))
     assert result.type == pa.bool_()
@@ -540,6 +599,8 @@ def test_every_text_against_every_text(op: Op) -> None:
                 warnings.simplefilter("ignore", FutureWarning)  # `[[:alpha:]]`
                 both(cmp("verb", op, value, ignore_case), VERBS)
                 both(cmp("user.groups", op, value, ignore_case), VERBS)
+                # each text DISTINCT_SHARE times: few distinct values, each tested once
+                both(cmp("verb", op, value, ignore_case), VERBS * DISTINCT_SHARE)
 
 
 @st.composite
@@ -628,15 +689,21 @@ def audit_events(draw: st.DrawFn, samples: list[dict[str, Any]]) -> dict[str, An
 
 @pytest.mark.filterwarnings("ignore:Possible nested set:FutureWarning")
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(expr=expressions, data=st.data(), stored=st.booleans())
+@given(expr=expressions, data=st.data(), stored=st.booleans(), repeated=st.booleans())
 def test_vectorised_equals_reference(
-    read_log: LogReader, expr: Expr, data: st.DataObject, stored: bool
+    read_log: LogReader, expr: Expr, data: st.DataObject, stored: bool, repeated: bool
 ) -> None:
     samples = [event for name in SAMPLE_LOGS for event in read_log(name)]
     events = data.draw(st.lists(audit_events(samples), min_size=1, max_size=8))
+    if repeated:  # few distinct values per column: costly text leaves test each value once
+        events = events * DISTINCT_SHARE
     batch = normalise(events, RECEIVED)
     if stored:
         batch = from_table(batch.table)
-    result = compile_rule(expr).evaluate(batch)
+    rule = compile_rule(expr)
+    result = rule.evaluate(batch)
     assert result.null_count == 0
-    assert result.to_pylist() == reference.filter_events(expr, events)
+    expected = reference.filter_events(expr, events)
+    assert result.to_pylist() == expected
+    # a second batch: the answers the first one left in the leaves give the same result
+    assert rule.evaluate(from_table(batch.table)).to_pylist() == expected

@@ -180,6 +180,47 @@ def test_batch_after_batch_a_plan_matches_as_a_fresh_one(
             assert planned(plan, from_table(batch.table), len(alerts)) == fresh, log
 
 
+def test_guards_on_a_column_with_few_of_them_are_evaluated_not_indexed(
+    read_log: LogReader,
+) -> None:
+    """The library guards on `objectRef.namespace` and `stage` with two value sets each: those
+    columns are not worth grouping batches by, and their guards are evaluated instead; with
+    tenants' scopes the namespace is indexed. Either way each alert matches as it would alone."""
+    library = detections()
+    tenants = [
+        PlanAlert(f"{ns}/{alert.key}", alert.condition, scope=ns)
+        for ns in ("default", "kube-system", "mayor", "a", "b")
+        for alert in library
+    ]
+    few, many = StreamPlan(library), StreamPlan([*library, *tenants])
+    assert "objectRef_namespace" not in few._columns and "stage" not in few._columns
+    assert "objectRef_namespace" in many._columns and "verb" in few._columns
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        for log in SAMPLE_LOGS:
+            batch = from_table(normalise(read_log(log), RECEIVED).table)
+            for plan, alerts in ((few, library), (many, [*library, *tenants])):
+                results = planned(plan, batch, len(alerts))
+                for alert, result in zip(alerts, results, strict=True):
+                    assert result == alone(alert, batch), (log, alert.key)
+
+
+def test_a_batch_beyond_the_kept_row_sets_is_grouped_as_any(read_log: LogReader) -> None:
+    """Batches are grouped with each row's set kept for up to 1,024 rows; a longer batch (a
+    replay from storage, say) matches as each alert alone would."""
+    events = [event for name in SAMPLE_LOGS for event in read_log(name)]
+    events = (events * (1100 // len(events) + 1))[:1100]
+    batch = from_table(normalise(events, RECEIVED).table)
+    alerts = detections()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        results = planned(StreamPlan(alerts), batch, len(alerts))
+        assert [result for result in results if result[0]]  # something matched
+        for alert, result in zip(alerts, results, strict=True):
+            assert result == alone(alert, batch), alert.key
+            assert all(row < 1100 for row in result[0])
+
+
 def test_a_scoped_alert_sees_only_its_namespace() -> None:
     events = [
         {"verb": "get", "objectRef": {"resource": "secrets", "namespace": ns}}
