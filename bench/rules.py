@@ -1,6 +1,6 @@
 """Benchmark: decode + normalise, and rule evaluation over decoded batches.
 
-    python bench/rules.py [--events 300000] [--batch 10000] [--alerts 40,100,1000,5000]
+    python bench/rules.py [--events 300000] [--batch 10000] [--alerts 42,100,1000,5000]
 
 Generates a deterministic stream of realistic audit events (the real samples of
 tests/data/audit-samples, varied in user, verb, resource, namespace,
@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="best of N runs per measurement")
     parser.add_argument(
         "--alerts",
-        default="40,100,1000,5000",
+        default="42,100,1000,5000",
         help="alert counts for the library + tenants measurement ('' to skip)",
     )
     parser.add_argument(
