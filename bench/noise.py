@@ -3,8 +3,8 @@ catches attacks there.
 
     python bench/noise.py [--seconds 75] [--report-only] [--attacks] [--keep DIR]
 
-Needs $AUDITWATCH_KUBE_APISERVER (../shared/tools/kube-apiserver/build.sh, with
-kube-controller-manager and kube-scheduler beside it), etcd and kubectl on PATH.
+Needs $AUDITWATCH_KUBE_APISERVER (with kube-controller-manager and kube-scheduler beside it:
+docs/operator.md, "Real control-plane tests"), etcd and kubectl on PATH.
 
 What it does, on the real control plane of tests/realcluster.py (etcd, kube-apiserver with its
 audit webhook to `auditwatch run` over HTTPS, kube-controller-manager, kube-scheduler; the

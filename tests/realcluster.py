@@ -11,9 +11,9 @@ of what the operator did that does not depend on the operator.
 With `controllers=True` it also runs kube-controller-manager (each controller as its own
 ServiceAccount) and kube-scheduler, so the audit trail carries real control-plane traffic;
 `users` adds people to the token file (`Cluster.user_tokens`).
-Binaries: $AUDITWATCH_KUBE_APISERVER (built by ../shared/tools/kube-apiserver/build.sh; the
-controllers are beside it), etcd and kubectl on PATH. Tests use `Cluster.kubectl`,
-`Cluster.wait_for`, `Cluster.restart_apiserver` and `Cluster.operator_log`.
+Binaries: $AUDITWATCH_KUBE_APISERVER (the controllers beside it: how to get them is in
+docs/operator.md, "Real control-plane tests"), etcd and kubectl on PATH. Tests use
+`Cluster.kubectl`, `Cluster.wait_for`, `Cluster.restart_apiserver` and `Cluster.operator_log`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from tests.e2e_support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 APISERVER_VARIABLE = "AUDITWATCH_KUBE_APISERVER"
+BINARIES_HELP = 'see docs/operator.md, "Real control-plane tests"'
 ADMIN_TOKEN = "admin-token"
 OPERATOR_NAMESPACE = "auditwatch"
 OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:auditwatch"
@@ -60,7 +61,7 @@ def missing_tools() -> str | None:
     """Why the real control plane cannot run here (None: it can)."""
     apiserver = os.environ.get(APISERVER_VARIABLE)
     if not apiserver:
-        return f"${APISERVER_VARIABLE} is not set (../shared/tools/kube-apiserver/build.sh)"
+        return f"${APISERVER_VARIABLE} is not set ({BINARIES_HELP})"
     if not os.access(apiserver, os.X_OK):
         return f"${APISERVER_VARIABLE}={apiserver} is not an executable"
     for tool in ("etcd", "kubectl"):
@@ -77,7 +78,7 @@ def missing_controllers() -> str | None:
     for name in CONTROLLERS:
         binary = Path(os.environ[APISERVER_VARIABLE]).parent / name
         if not os.access(binary, os.X_OK):
-            return f"{binary} is not an executable (../shared/tools/kube-apiserver/build.sh)"
+            return f"{binary} is not an executable ({BINARIES_HELP})"
     return None
 
 

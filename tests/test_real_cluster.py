@@ -2,7 +2,7 @@
 examples applied with kubectl, the audit webhook over HTTPS with a bearer token, the operator
 running as its own ServiceAccount. One control plane for the module.
 
-Needs $AUDITWATCH_KUBE_APISERVER (../shared/tools/kube-apiserver/build.sh), etcd and kubectl;
+Needs $AUDITWATCH_KUBE_APISERVER (docs/operator.md, "Real control-plane tests"), etcd and kubectl;
 skips without them ("needs a real cluster: ..."); under CI (AUDITWATCH_REQUIRE_TOOLS=1) that
 skip fails instead (tests/conftest.py).
 """
