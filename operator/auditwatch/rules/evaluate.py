@@ -650,8 +650,8 @@ class _ColumnLeaf:
 
     A costly comparison on a text column with few distinct values (`by_value`: users, agents,
     request URIs of a busy client, the elements of `sourceIPs`) tests each distinct value once
-    with the exact per-value test (a list matching when any element does),
-    remembering the answers across batches, instead of running the kernel on every row.
+    with the exact per-value test, remembering the answers across batches, instead of running
+    the kernel on every row.
     """
 
     column: str
