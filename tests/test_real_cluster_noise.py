@@ -96,6 +96,13 @@ def test_every_detection_fires_on_its_attack(attacks: AttackReport) -> None:
     assert attacks.new_matches["k8s-pod-exec-sensitive-command"] == 2, attacks.table
 
 
+def library_rule(name: str) -> Any:
+    """The condition of detection `name` of examples/detections, as the operator builds it."""
+    return build_alert(
+        yaml.safe_load((DETECTIONS / f"{name}.yaml").read_text()), lambda *_: None
+    ).rule.condition
+
+
 def test_exec_and_attach_count_when_the_session_opens(
     cluster: Cluster, attacks: AttackReport
 ) -> None:
@@ -103,9 +110,7 @@ def test_exec_and_attach_count_when_the_session_opens(
     takes of it: each session's ResponseStarted (101), not its ResponseComplete, and not the
     refused WebSocket `get` kubectl 1.32 tries first for the exec (403, written at both stages
     too), after which it opened the session with an SPDY `create`."""
-    rule = build_alert(
-        yaml.safe_load((DETECTIONS / "k8s-pod-exec-attach.yaml").read_text()), lambda *_: None
-    ).rule.condition
+    rule = library_rule("k8s-pod-exec-attach")
     written = [
         e
         for e in query(cluster.root / "data", STREAM, since=attacks.since, until=attacks.until)
@@ -137,12 +142,6 @@ def test_exec_and_attach_count_when_the_session_opens(
             ("get", "exec", "ResponseStarted", 101): 1,
         }
     )
-
-
-def library_rule(name: str) -> Any:
-    return build_alert(
-        yaml.safe_load((DETECTIONS / f"{name}.yaml").read_text()), lambda *_: None
-    ).rule.condition
 
 
 def test_a_control_plane_token_used_through_a_proxy_shows_the_public_address(
