@@ -216,7 +216,10 @@ def alert_batches(alerts: int, events: int) -> list[EventBatch]:
 
 def fresh(batches: list[EventBatch]) -> list[EventBatch]:
     """The same tables without the events parsed by an earlier run."""
-    return [EventBatch(batch.table) for batch in batches]
+    return [
+        EventBatch(batch.table, annotations_complete=batch.annotations_complete)
+        for batch in batches
+    ]
 
 
 def measure_alerts(

@@ -338,3 +338,19 @@ def test_silent_arrow_conversions_become_null() -> None:
         [("a", "b")],
         [("a", None), ("b", None), ("e", "f")],
     ]
+
+
+def test_a_batch_says_whether_its_annotations_column_holds_every_events_annotations() -> None:
+    """Only objects (or none) in `annotations` leave nothing to find in the event texts; a
+    filtered batch keeps what it says, a concatenation says it only if all its parts do."""
+    mapped = normalise([{"annotations": {"a": "b"}}, {"annotations": None}, {}], RECEIVED)
+    listed = normalise([{"annotations": [{"a": "b"}]}, {}], RECEIVED)
+    texted = normalise([{"annotations": "a=b"}], RECEIVED)
+    assert mapped.annotations_complete
+    assert not listed.annotations_complete and not texted.annotations_complete
+    assert not from_table(mapped.table).annotations_complete  # stored: nobody vouches for it
+    assert mapped.filter(pa.array([False, True, True])).annotations_complete
+    assert not listed.filter(pa.array([False, True])).annotations_complete
+    assert EventBatch.concat([mapped, mapped]).annotations_complete
+    assert not EventBatch.concat([mapped, listed]).annotations_complete
+    assert not EventBatch.concat([EventBatch(mapped.table), mapped]).annotations_complete

@@ -55,10 +55,15 @@ from auditwatch.normalise import EventBatch
 from auditwatch.receive import (
     FORWARDED_HEADER,
     RETRY_HEADERS,
+    Decoder,
+    Limits,
     Receiver,
     ReceiverOptions,
     Rejected,
+    prepare_batch,
 )
+from auditwatch.rules.evaluate import compile_rule
+from auditwatch.rules.parse import parse_expression
 from auditwatch.store import StorageUnavailable, Store
 
 LIST_RULE = 'verb = "list"'
@@ -674,6 +679,30 @@ async def test_a_decoding_worker_that_dies_costs_one_503(tmp_path: Path, samples
         assert answer.body == {"error": "a decoding worker died; retry"}
         answer = await post(session, url, event_list(events[3:6]))
         assert (answer.status, answer.body["stored"]) == (200, 3)
+
+
+async def test_a_decoding_worker_hands_over_whether_annotations_are_all_in_their_column() -> None:
+    """A batch decoded in a worker process says what one decoded here says: whether its
+    `annotations` column holds every event's annotations (the rule evaluator then skips the
+    event texts). It says so outside the table, which the store keeps as it is."""
+    limits = Limits(body_bytes=1 << 20, event_bytes=1 << 16)
+    received = datetime.now(UTC)
+    mapped = [{"auditID": "a", "annotations": {"a": "forbid"}}, {"auditID": "b"}]
+    listed = [*mapped, {"auditID": "c", "annotations": [{"a": "forbid"}]}]
+    rule = compile_rule(parse_expression('annotations["a"] = "forbid"'))
+    decoder = Decoder(workers=1)
+    try:
+        cases = ((mapped, True, [True, False]), (listed, False, [True, False, True]))
+        for events, complete, matches in cases:
+            body = orjson.dumps(events)
+            batch = await decoder.prepare(body, None, limits, received)
+            here = prepare_batch(body, None, limits, received)
+            assert batch.annotations_complete is here.annotations_complete is complete
+            assert batch.table.schema.metadata is None
+            assert batch.table.equals(here.table)
+            assert rule.evaluate(batch).to_pylist() == matches
+    finally:
+        decoder.close()
 
 
 # -- a follower: forwarding to the leader's receiver ------------------------------------------

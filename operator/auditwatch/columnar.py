@@ -107,7 +107,8 @@ def _batch(data: bytes, received_at: datetime) -> EventBatch | None:
     event_json = _event_text(items)
     if event_json is None:
         return None
-    return EventBatch(assemble(typed, times, received_at, event_json))
+    # msgspec admitted only an object of strings or null as `annotations`: the column holds them
+    return EventBatch(assemble(typed, times, received_at, event_json), annotations_complete=True)
 
 
 def _items(data: bytes) -> list[msgspec.Raw] | None:

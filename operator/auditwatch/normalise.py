@@ -20,7 +20,14 @@ import pyarrow.compute as pc
 
 from auditwatch import exactjson
 from auditwatch.decode import DecodeError
-from auditwatch.schema import EVENT_JSON, EVENT_SCHEMA, TIMESTAMP, TYPED_FIELDS, TypedField
+from auditwatch.schema import (
+    EVENT_JSON,
+    EVENT_SCHEMA,
+    TIMESTAMP,
+    TYPED_BY_COLUMN,
+    TYPED_FIELDS,
+    TypedField,
+)
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -57,6 +64,11 @@ class EventBatch:
     """The whole table as the store's staging message (`store.wal.batch_message`), when the
     decoding worker process made it: the store then only has to write it."""
     _parsed: dict[int, dict[str, Any]] = field(default_factory=dict, repr=False)
+    annotations_complete: bool = field(default=False, kw_only=True)
+    """Whether the `annotations` column holds every event's annotations: null there is an event
+    with none (missing or null), never one whose `annotations` is something else than an
+    object, which only its `event` text holds. The rule evaluator then reads annotations from
+    the column alone, without searching the texts of the rows without a map."""
     segment: str | None = field(default=None, repr=False, kw_only=True)
     """The staging segment (stem) the store wrote these events to, on a batch `Store.append`
     returned: alert counts are kept per segment so a crash can recount (engine.py)."""
@@ -89,10 +101,8 @@ class EventBatch:
         """The rows where mask is true, events included (null counts as false)."""
         indices = pc.indices_nonzero(pc.fill_null(mask, False))
         table = self.table.take(indices)
-        if self._events is None:
-            return EventBatch(table)
-        events = self._events
-        return EventBatch(table, [events[i] for i in indices.to_pylist()])
+        events = None if self._events is None else [self._events[i] for i in indices.to_pylist()]
+        return EventBatch(table, events, annotations_complete=self.annotations_complete)
 
     @classmethod
     def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
@@ -100,9 +110,11 @@ class EventBatch:
         if not batches:
             return EventBatch(EVENT_SCHEMA.empty_table(), [])
         table = pa.concat_tables([batch.table for batch in batches])
+        complete = all(batch.annotations_complete for batch in batches)
         if any(batch._events is None for batch in batches):
-            return EventBatch(table)
-        return EventBatch(table, [event for batch in batches for event in batch.events])
+            return EventBatch(table, annotations_complete=complete)
+        events = [event for batch in batches for event in batch.events]
+        return EventBatch(table, events, annotations_complete=complete)
 
 
 def parse_event(text: str) -> dict[str, Any]:
@@ -143,14 +155,17 @@ def normalise(events: list[dict[str, Any]], received_at: datetime) -> EventBatch
     except orjson.JSONEncodeError:
         raise _unwritable(events) from None
     event_json = pa.array(texts, pa.string())
-    leaves = _leaf_columns(_PathValues(events))
+    values = _PathValues(events)
+    leaves = _leaf_columns(values)
     table = assemble(
         [leaves[f.path] for f in TYPED_FIELDS],
         [leaves[(key,)] for key in TIME_KEYS],
         received_at,
         event_json,
     )
-    return EventBatch(table, events)
+    annotations = values.at(TYPED_BY_COLUMN["annotations"].path)
+    complete = all(isinstance(found, dict | None) for found in annotations)
+    return EventBatch(table, events, annotations_complete=complete)
 
 
 def _unwritable(events: list[dict[str, Any]]) -> DecodeError:

@@ -416,6 +416,9 @@ def prepare_batch(
     return batch
 
 
+_ANNOTATIONS_COMPLETE = b"auditwatch.annotations_complete"
+
+
 def prepare_batch_in_worker(
     body: bytes, arguments: tuple[str | None, Limits, datetime, Source | None]
 ) -> pa.Buffer | tuple[int, str, str]:
@@ -424,12 +427,15 @@ def prepare_batch_in_worker(
 
     Encoding here spares the receiving process, whose GIL the event loop needs: there the
     table is read from these bytes without a copy, and the store writes them as they are.
+    `EventBatch.annotations_complete` travels in the stream's schema metadata, which the store
+    does not stage (it stages the batch message alone).
     """
     try:
-        table = prepare_batch(body, *arguments).table
+        batch = prepare_batch(body, *arguments)
     except Rejected as rejected:
         return rejected.status, rejected.reason, rejected.message
-    return encode_table(table)
+    complete = {_ANNOTATIONS_COMPLETE: b"1"} if batch.annotations_complete else None
+    return encode_table(batch.table.replace_schema_metadata(complete))
 
 
 class Decoder:
@@ -464,7 +470,13 @@ class Decoder:
         if isinstance(result, tuple):
             raise Rejected(*result)
         stream = pa.py_buffer(result)
-        return EventBatch(read_table(stream), staged=batch_message(stream))
+        table = read_table(stream)
+        complete = (table.schema.metadata or {}).get(_ANNOTATIONS_COMPLETE) == b"1"
+        return EventBatch(
+            table.replace_schema_metadata(None),
+            staged=batch_message(stream),
+            annotations_complete=complete,
+        )
 
     def close(self) -> None:
         if self._pool is not None:

@@ -150,8 +150,8 @@ class _Context:
     def annotation(self, key: str) -> tuple[pa.Array, Rows]:
         """The text value of annotation `key` per row (null: none, or not text), and the rows
         whose value must be read from the raw event instead: those where the key holds
-        something else than text, and `_unmapped_annotations`. Once per batch and key, for
-        every leaf on it."""
+        something else than text, and `_unmapped_annotations` (none when the batch says its
+        column holds every event's annotations). Once per batch and key, for every leaf on it."""
         known = self._annotations.get(key)
         if known is None:
             annotations = self.column(ANNOTATIONS)
@@ -170,7 +170,9 @@ class _Context:
                     ),
                     self.size,
                 )
-            known = self._annotations[key] = (values, unread | self._unmapped_annotations())
+            if not self.batch.annotations_complete:
+                unread |= self._unmapped_annotations()
+            known = self._annotations[key] = (values, unread)
         return known
 
     def _unmapped_annotations(self) -> Rows:
