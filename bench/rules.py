@@ -236,7 +236,7 @@ def measure_alerts(
         expected = [rule.evaluate(batch).true_count for rule in compiled]
         counts = [0] * len(alerts)
         for result in plan.evaluate(batch):
-            counts[result.alert] = len(result.rows)
+            counts[result.alert] = result.count
         assert counts == expected, "the plan and the alerts one at a time disagree"
 
     def one_at_a_time() -> None:

@@ -104,7 +104,7 @@ def planned(plan: StreamPlan, batch: EventBatch, count: int) -> list[tuple[list[
     out: list[tuple[list[int], int]] = [([], 0)] * count
     for result in plan.evaluate(batch):
         assert result.error is None
-        out[result.alert] = (result.rows.to_pylist(), result.excepted)
+        out[result.alert] = (result.rows(), result.excepted)
     return out
 
 
@@ -257,7 +257,7 @@ def test_a_failing_alert_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
         PlanAlert("fine", parse_expression("requestObject.ok exists")),
     ]
     results = StreamPlan(alerts).evaluate(normalise(events, RECEIVED))
-    assert [(r.key, r.rows.to_pylist(), type(r.error)) for r in results] == [
+    assert [(r.key, r.rows(), type(r.error)) for r in results] == [
         ("broken", [], RuntimeError),
         ("fine", [0], type(None)),
     ]

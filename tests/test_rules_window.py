@@ -77,7 +77,7 @@ def test_the_plan_hands_a_grouped_alert_its_rows_by_group_with_event_times() -> 
     )
     grouped, plain = plan.evaluate(normalise(events, received_at=RECEIVED))
     assert plain.groups is None
-    assert grouped.rows.to_pylist() == plain.rows.to_pylist() == [0, 1, 2, 3]
+    assert grouped.rows() == plain.rows() == [0, 1, 2, 3]
     groups = grouped.groups
     assert groups is not None
     by_key = {

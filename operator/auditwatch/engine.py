@@ -260,8 +260,8 @@ class Engine:
             for stem, table in self.store.staged(stream):
                 stems.add(stem)
                 for result in plan.evaluate(from_table(table)):
-                    if result.error is None and (len(result.rows) or result.excepted):
-                        counts[result.key][stem] = _StagedCount(len(result.rows), result.excepted)
+                    if result.error is None and (result.matched or result.excepted):
+                        counts[result.key][stem] = _StagedCount(result.count, result.excepted)
             for alert in alerts:
                 key, saved = alert.spec.key, self._saved[alert.spec.key]
                 matches = sum(c.matches for c in counts[key].values())
@@ -406,13 +406,14 @@ class Engine:
                         alert.spec.key,
                         exc_info=result.error,
                     )
-                elif len(result.rows) or result.excepted:
+                elif result.matched or result.excepted:
                     # the last match parsed here, off the loop
-                    latest = new.event(result.rows[-1].as_py()) if len(result.rows) else None
+                    last = result.last_row
+                    latest = None if last is None else new.event(last)
                     matches.append(
                         _Matched(
                             alert,
-                            len(result.rows),
+                            result.count,
                             latest,
                             new.segment,
                             result.excepted,

@@ -79,7 +79,7 @@ def tune(
     (result,) = results
     if result.error is not None:
         raise ValueError(f"the alert cannot be evaluated: {result.error}")
-    rows = result.rows.to_pylist()
+    rows = result.rows()
     times = pc.fill_null(batch.table[EVENT_TIME], batch.table["p_timestamp"]).to_pylist()
     tracker = AlertTracker(replace(alert, targets=()))
     firings = 0

@@ -112,8 +112,6 @@ alerts of; beyond that it starts over (a cluster with that many is unusual)."""
 Guard = dict[str, frozenset[str | None]]
 """Column -> the values an event may have there (None: no value); a missing column: any."""
 
-_EMPTY_ROWS = pa.array([], type=pa.int64())
-
 
 @dataclass(frozen=True)
 class PlanAlert:
@@ -137,14 +135,29 @@ class AlertResult:
     alert: int
     """The alert's position in the list the plan was built from."""
     key: str
-    rows: pa.Int64Array
-    """Indices of the matching rows, ascending."""
+    matched: Rows = 0
+    """The matching rows, as a row set (`evaluate.Rows`): what the engine asks of them (how
+    many, the last one) needs no list of them."""
     excepted: int = 0
     """Rows `condition` matched that `unless` excepted."""
     error: Exception | None = None
     """Why this alert could not be evaluated (no rows then); other alerts are not affected."""
     groups: GroupedRows | None = None
-    """With `PlanAlert.group_by`: `rows` by group, with their event times."""
+    """With `PlanAlert.group_by`: the matching rows by group, with their event times."""
+
+    @property
+    def count(self) -> int:
+        """How many rows matched."""
+        return self.matched.bit_count()
+
+    @property
+    def last_row(self) -> int | None:
+        """The last matching row, None for none."""
+        return self.matched.bit_length() - 1 if self.matched else None
+
+    def rows(self) -> list[int]:
+        """The matching rows, ascending."""
+        return row_numbers(self.matched)
 
 
 @dataclass
@@ -282,18 +295,17 @@ class StreamPlan:
         for number in sorted({*live, *errors}):
             key = self._entries[number].key
             if number in errors:
-                results.append(AlertResult(number, key, _EMPTY_ROWS, error=errors[number]))
+                results.append(AlertResult(number, key, error=errors[number]))
                 continue
             rows, exempt = live[number], excepted.get(number, 0)
             if rows or exempt:
-                indices = _indices(row_numbers(rows)) if rows else _EMPTY_ROWS
                 group_by = self._entries[number].group_by
                 groups = (
-                    group_rows(ctx.column, indices, group_by)
+                    group_rows(ctx.column, _indices(row_numbers(rows)), group_by)
                     if group_by is not None and rows
                     else None
                 )
-                results.append(AlertResult(number, key, indices, exempt.bit_count(), groups=groups))
+                results.append(AlertResult(number, key, rows, exempt.bit_count(), groups=groups))
         return results
 
     def _run_steps(
