@@ -323,7 +323,7 @@ def test_text_tested_per_distinct_value_keeps_flags_and_case_apart(
     others = [{"requestURI": uri} for uri in ("/apis/x", "/API/", "z", "/Api/v1\nz")]
     batches = [events, events[::-1], others * DISTINCT_SHARE, events]
     encoded = evaluate._Context(normalise(events, RECEIVED)).distinct("requestURI")
-    assert encoded is not None and len(encoded[0]) == 4  # the per-value path is the one taken
+    assert encoded is not None and len(encoded.values) == 4  # the per-value path is the one taken
     rules = [
         compile_rule(parse_expression(text))
         for text in (

@@ -20,7 +20,7 @@ from tests.test_rules_evaluate import (
 )
 
 from auditwatch.normalise import EventBatch, from_table, normalise, parse_event
-from auditwatch.rules import reference
+from auditwatch.rules import evaluate, reference
 from auditwatch.rules.ast import Compare, Exists, Expr, Field, Not, Op, conjunction, disjunction
 from auditwatch.rules.evaluate import compile_rule
 from auditwatch.rules.parse import parse_expression
@@ -306,3 +306,41 @@ def test_paths_read_from_the_text_equal_the_parsed_event() -> None:
     for alert, result in zip(alerts, results, strict=True):
         assert result[0] == by_reference(alert, events), alert.key
     assert results[0][0] == [0, 1, 2, 5]  # a repeated key: the last one counts
+
+
+@pytest.mark.parametrize("kernels", [0, evaluate.KERNELS_BEFORE_ENCODING, 1_000])
+def test_cheap_comparisons_answer_alike_by_kernel_and_by_distinct_value(
+    monkeypatch: pytest.MonkeyPatch, kernels: int
+) -> None:
+    """Past the first few cheap comparisons on a column in a batch, the rest test each
+    distinct value once: the same rows, null cells, int columns and lists included (a costly
+    comparison on a list's elements goes by distinct element whatever the count)."""
+    monkeypatch.setattr(evaluate, "KERNELS_BEFORE_ENCODING", kernels)
+    events: list[dict[str, Any]] = [
+        {"verb": "get", "responseStatus": {"code": 200}, "user": {"groups": ["a", "b"]}},
+        {"verb": "create", "responseStatus": {"code": 403}, "user": {"groups": ["b"]}},
+        {"verb": None, "responseStatus": {"code": 404.5}, "user": {"groups": [None, "c"]}},
+        {"verb": 5, "responseStatus": {"code": 201}},
+        {"responseStatus": {"code": "200"}, "user": {"groups": None}},
+    ] * evaluate.DISTINCT_SHARE
+    rules = [
+        'verb = "get"',
+        'verb != "get"',
+        'verb in ("get", "create")',
+        'not verb in ("get", "watch")',
+        'verb startswith "cr"',
+        "responseStatus.code >= 201",
+        "responseStatus.code < 300",
+        "responseStatus.code = 200",
+        "responseStatus.code != 403",
+        'user.groups = "b"',
+        'user.groups != "b"',
+        'user.groups in ("a", "c")',
+        'user.groups ~ "^[ab]$"',  # costly: by distinct element from the first
+        'user.groups =% "C"i',
+    ]
+    alerts = [PlanAlert(str(n), parse_expression(rule)) for n, rule in enumerate(rules)]
+    for batch in (normalise(events, RECEIVED), normalise(events[::-1], RECEIVED)):
+        sent = batch.events
+        results = planned(StreamPlan(alerts), batch, len(alerts))
+        assert [rows for rows, _ in results] == [by_reference(a, sent) for a in alerts]
