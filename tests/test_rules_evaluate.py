@@ -709,3 +709,23 @@ def test_vectorised_equals_reference(
     assert result.to_pylist() == expected
     # a second batch: the answers the first one left in the leaves give the same result
     assert rule.evaluate(from_table(batch.table)).to_pylist() == expected
+
+
+def test_a_null_list_matches_nothing_even_when_its_offsets_span_elements() -> None:
+    """Arrow lets a null list's offsets span elements (the elements then mean nothing): a
+    comparison on the list, by kernel or by distinct element, does not see them."""
+    events: list[dict[str, Any]] = [{"sourceIPs": ["1.2.3.4"]}, {}, {"sourceIPs": ["10.0.0.1"]}]
+    events *= DISTINCT_SHARE
+    table = normalise(events, RECEIVED).table
+    spanning = pa.ListArray.from_arrays(
+        pa.array(range(len(events) + 1), pa.int32()),
+        pa.array(["1.2.3.4", "1.2.3.4", "10.0.0.1"] * DISTINCT_SHARE),
+        mask=pa.array([False, True, False] * DISTINCT_SHARE),
+    )
+    batch = EventBatch(
+        table.set_column(table.schema.get_field_index("sourceIPs"), "sourceIPs", spanning)
+    )
+    for rule in ('sourceIPs = "1.2.3.4"', 'sourceIPs ~ "^1\\\\."', 'sourceIPs =% "1.2"i'):
+        assert compile_rule(parse_expression(rule)).evaluate(batch).to_pylist() == [
+            True, False, False,
+        ] * DISTINCT_SHARE, rule  # fmt: skip
