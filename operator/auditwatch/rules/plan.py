@@ -377,7 +377,7 @@ class StreamPlan:
 
 def _indices(numbers: list[int]) -> pa.Int64Array:
     """Row numbers as an Arrow array, from their machine integers: 1.6 µs against 3.5 for
-    `pa.array` converting each Python int (a batch has a result per alert it set off)."""
+    `pa.array` converting each Python int (a grouped alert's rows, for `group_rows`)."""
     data = pa.py_buffer(array("q", numbers))
     indices: pa.Int64Array = pa.Array.from_buffers(pa.int64(), len(numbers), [None, data])
     return indices
