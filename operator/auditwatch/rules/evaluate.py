@@ -222,7 +222,7 @@ class _Context:
             if no_map:
                 # `bytes.find` over each row's span, mapped in C: 65 µs for 240 rows of 1 KiB
                 # where `re.search` row by row took 115 (the copy to bytes costs 10).
-                offsets, data = _text_buffers(self.column(EVENT_JSON))
+                offsets, data = self._event_texts()
                 text = bytes(data)
                 starts = [offsets[row] for row in no_map]
                 ends = [offsets[row + 1] for row in no_map]
@@ -230,6 +230,12 @@ class _Context:
                 found = itertools.compress(no_map, map((-1).__ne__, at))
             self._unmapped = rows_from(found, self.size)
         return self._unmapped
+
+    def _event_texts(self) -> tuple[memoryview, memoryview]:
+        """The `event` column's buffers (`_text_buffers`), once per batch."""
+        if self._texts is None:
+            self._texts = _text_buffers(self.column(EVENT_JSON))
+        return self._texts
 
     def path_values(self, path: tuple[str, ...], rows: Rows) -> dict[int, list[Any]]:
         """Row -> the values at `path` in its event, for the rows of `rows` that have some.
@@ -262,9 +268,7 @@ class _Context:
                 row: extract.root_nodes(self.batch.event(row) if parse is None else parse[row])
                 for row in numbers
             }
-        if self._texts is None:
-            self._texts = _text_buffers(self.column(EVENT_JSON))
-        offsets, data = self._texts
+        offsets, data = self._event_texts()
         parsed, read, root_nodes = self.batch.parsed_event, self.reader.read, extract.root_nodes
         roots = {}
         for row in numbers:  # about 100 rows a batch for the library: locals, no attributes
@@ -760,15 +764,13 @@ class _ColumnLeaf:
                 return 0
             if distinct.codes is not None:
                 passing = distinct.passing(answers)
-                if self.is_list:
-                    return ctx.list_rows(self.column, passing) & rows
-                return passing & rows
-            passed = pc.take(pa.array(answers, pa.bool_()), distinct.positions)
-            return (_lists_with_any(cells, passed) if self.is_list else rows_of(passed)) & rows
+            else:
+                passing = rows_of(pc.take(pa.array(answers, pa.bool_()), distinct.positions))
+            return (ctx.list_rows(self.column, passing) if self.is_list else passing) & rows
         if self.is_list:
             matched, undecided = self.kernel(_elements(cells, cells.values))
-            found = _lists_with_any(cells, matched) & rows
-            redo = 0 if undecided is None else _lists_with_any(cells, undecided) & rows
+            found = ctx.list_rows(self.column, rows_of(matched)) & rows
+            redo = 0 if undecided is None else ctx.list_rows(self.column, rows_of(undecided)) & rows
         else:
             matched, undecided = self.kernel(cells)
             found = rows_of(matched) & rows
@@ -804,16 +806,6 @@ def _elements(lists: pa.Array, children: pa.Array) -> pa.Array:
     """The part of a list (or map) array's child array that its rows span."""
     start = lists.offsets[0].as_py()
     return children.slice(start, lists.offsets[-1].as_py() - start)
-
-
-def _lists_with_any(lists: pa.Array, flags: pa.Array) -> Rows:
-    """The non-null lists with an element whose flag (over `_elements`) is true: the parent
-    rows of the true flags, found in C (two kernels, where counting per list took eight)."""
-    hits = pc.filter(pc.list_parent_indices(lists), flags)  # a null flag is dropped
-    found = rows_from(hits.to_pylist(), len(lists))
-    if lists.null_count:
-        found &= rows_of(pc.is_valid(lists))
-    return found
 
 
 @dataclass(frozen=True)
